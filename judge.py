@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import Llama, Progress, as_dtype, cache_dir, pad_right, rotate_half, write_dir_atomic
+from llama import Llama, Progress, as_dtype, cache_dir, linear, pad_right, rotate_half, write_dir_atomic
 from metrics import common_prefix_len
 
 KINDS = ("truth", "info")
@@ -208,7 +208,7 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
                 if l == k:
                     r_k = r  # residual entering layer k: [B, T, M]
                 if l < top - 1:
-                    r = r + F.linear(o.flatten(2), layer.wo.weight)  # [B, T, M]
+                    r = r + linear(o.flatten(2), layer.wo.weight)  # [B, T, M]
                     r = r + layer.mlp(layer.mlp_norm(r))
             a_kv = torch.stack(kvs).permute(1, 4, 0, 2, 3, 5)  # [B, T, n, 2, Kh, D]
             for b, i in enumerate(part):
@@ -268,7 +268,7 @@ class JudgeHead(nn.Module):
         x: [B, 1, M] normalised; kv: [B, S, 2, Kh, D]; mask: [B, S] -> o: [B, 1, H, D]."""
         B = x.shape[0]
         H, Kh, D = layer.H, layer.K, layer.D
-        q, k, v = F.linear(x, layer.wqkv.weight).split([H * D, Kh * D, Kh * D], dim=-1)  # [B, 1, *]
+        q, k, v = (F.linear(x, w.weight) for w in (layer.wq, layer.wk, layer.wv))  # [B, 1, H*D], [B, 1, Kh*D] x2
         q = q.view(B, 1, H, D).transpose(1, 2)  # [B, H, 1, D]
         k = k.view(B, 1, Kh, D).transpose(1, 2)  # [B, Kh, 1, D]
         q = q * cos + rotate_half(q) * sin  # rotary embedding at the last position

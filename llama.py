@@ -134,26 +134,28 @@ class Edit:
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding: k[l], v[l]: [B, K, S_max, D].
+    """Preallocated keys/values for incremental decoding: k_t[l]: [B, K, D, S_max] (keys stored transposed, so
+    a decoding step's q @ K^T reads contiguous rows of K^T), v[l]: [B, K, S_max, D].
 
     `mask[b, s]` says whether slot s of row b holds a real token (False for left padding), `pos[b]` is the
     rotary position of row b's next token, `len` the number of filled slots."""
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        K, D = cfg.n_kv_heads, cfg.head_dim
+        self.k_t = [torch.zeros(batch, K, D, max_len, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(batch, K, max_len, D, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.len = 0
         self.max_len = max_len
 
     def update(self, l: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k, v: [B, K, T, D] after the filled slots; return all keys/values [B, K, S, D]."""
+        """Write this step's k, v: [B, K, T, D] after the filled slots; return all keys, transposed, K^T:
+        [B, K, D, S] and all values [B, K, S, D] (views of the cache)."""
         s, e = self.len, self.len + k.shape[2]
-        self.k[l][:, :, s:e] = k
+        self.k_t[l][..., s:e] = k.transpose(-1, -2)
         self.v[l][:, :, s:e] = v
-        return self.k[l][:, :, :e], self.v[l][:, :, :e]
+        return self.k_t[l][..., :e], self.v[l][:, :, :e]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,20 +179,43 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T, as F.linear, and bit-identical to it. For bf16 weights on CPU, where nothing needs a gradient,
+    through a copy of w prepacked once for oneDNN (kept on w, remade when w changes in place): a plain bf16 CPU
+    matmul re-packs its weight on every call, which makes a decoding step (16 rows) 1.5x slower (bench.py).
+    The copies take as much memory again as the bf16 weights; `llama.PREPACK = False` turns them off.
+    fp32 keeps the plain matmul: oneDNN's fp32 kernel sums in another order, and fp32 is the exact mode."""
+    if not PREPACK or w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.is_inference() or \
+            torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        return F.linear(x, w)
+    key = (w._version, w.data_ptr())
+    packed = getattr(w, "_packed", None)
+    if packed is None or packed[0] != key:
+        packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16))
+        w._packed = packed
+    return torch.ops.mkldnn._linear_pointwise(x, packed[1], None, "none", [], "")
+
+
+PREPACK = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 class Layer(nn.Module):
-    """One decoder layer. q/k/v and gate/up are stored fused (one matmul each); o_proj is kept as the
-    plain [M, H*D] matrix W^l of the paper, viewed per head as W_O: [M, H, D]."""
+    """One decoder layer, weights as in the HF checkpoint: W_Q, W_K, W_V, o_proj W^l: [M, H*D] (viewed per
+    head as W_O: [M, H, D]), and the SwiGLU MLP's gate, up and down projections."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         M, H, K, D, Fm = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_mlp
         self.H, self.K, self.D = H, K, D
         self.attn_norm = RMSNorm(M, cfg.norm_eps)
-        self.wqkv = nn.Linear(M, (H + 2 * K) * D, bias=False)  # rows: q_proj | k_proj | v_proj
+        self.wq = nn.Linear(M, H * D, bias=False)  # q_proj
+        self.wk = nn.Linear(M, K * D, bias=False)  # k_proj
+        self.wv = nn.Linear(M, K * D, bias=False)  # v_proj
         self.wo = nn.Linear(H * D, M, bias=False)  # o_proj, W^l: [M, H*D]
         self.mlp_norm = RMSNorm(M, cfg.norm_eps)
-        self.w_gate_up = nn.Linear(M, 2 * Fm, bias=False)  # rows: gate_proj | up_proj
-        self.w_down = nn.Linear(Fm, M, bias=False)
+        self.w_gate = nn.Linear(M, Fm, bias=False)  # gate_proj
+        self.w_up = nn.Linear(M, Fm, bias=False)  # up_proj
+        self.w_down = nn.Linear(Fm, M, bias=False)  # down_proj
 
     @property
     def W_O(self) -> torch.Tensor:
@@ -198,35 +223,37 @@ class Layer(nn.Module):
         return self.wo.weight.view(-1, self.H, self.D)
 
     def attention(self, x, cos, sin, attn_mask, cache: KVCache | None, l: int, past=None):
-        """x: [B, T, M] (normalised) -> o: [B, T, H, D], plus this layer's (k, v) over all key positions."""
+        """x: [B, T, M] (normalised) -> o: [B, T, H, D], plus this layer's (k, v) over all key positions.
+        attn_mask: [B, 1, T, S] bool (True = may attend) or None (causal); for a decoding step (T = 1 with a
+        cache) the additive form [B*K, H/K, S] (0 or -inf) that Llama.forward builds once for all layers."""
         B, T, _ = x.shape
         H, K, D = self.H, self.K, self.D
-        wq, wk, wv = self.wqkv.weight.split([H * D, K * D, K * D])  # row blocks: contiguous views
-        q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)  # [B, T, H*D], [B, T, K*D], [B, T, K*D]
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
-        v = v.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        q = linear(x, self.wq.weight).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = linear(x, self.wk.weight).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        v = linear(x, self.wv.weight).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         q = q * cos + rotate_half(q) * sin  # rotary embedding; cos, sin: [B, 1, T, D]
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(l, k, v)  # [B, K, S, D]
+            fresh = cache.len == 0
+            k_t, v_all = cache.update(l, k, v)  # K^T: [B, K, D, S], [B, K, S, D]
+            if T == 1:  # one decoding step: grouped attention written out (SDPA's CPU kernel is slow here)
+                qg = q.reshape(B * K, H // K, D)  # the H // K query heads sharing each key/value head
+                s = torch.baddbmm(attn_mask, qg, k_t.flatten(0, 1), alpha=D ** -0.5)  # scores: [B*K, H/K, S]
+                a = s.softmax(-1, dtype=torch.float32).to(v.dtype)  # [B*K, H/K, S]
+                o = torch.bmm(a, v_all.flatten(0, 1)).view(B, 1, H, D)  # [B, 1, H, D]
+                return o, (k_t.transpose(-1, -2), v_all)
+            if not fresh:  # new tokens on top of cached ones (the first chunk attends to itself alone)
+                k, v = k_t.transpose(-1, -2), v_all  # [B, K, S, D]
         elif past is not None:  # a shared prefix's keys/values, [1 or B, K, P, D], kept in the autograd graph
             k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
-        if T == 1 and cache is not None:  # one decoding step: plain grouped attention (SDPA's CPU kernel is slow here)
-            qg = q.view(B, K, H // K, D)  # the H // K query heads sharing each key/value head: [B, K, G, D]
-            s = (qg @ k.transpose(-1, -2)).float() * D ** -0.5  # scores: [B, K, G, S]
-            s = s.masked_fill(~attn_mask.view(B, 1, 1, -1), float("-inf"))
-            o = (s.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)  # [B, H, 1, D]
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                                               enable_gqa=K != H)  # [B, H, T, D]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                           enable_gqa=K != H)  # [B, H, T, D]
         return o.transpose(1, 2), (k, v)  # o: [B, T, H, D]
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        w_gate, w_up = self.w_gate_up.weight.chunk(2)  # [F, M] each
-        h = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)  # SwiGLU: [B, T, F] (contiguous operands: fast)
-        return F.linear(h, self.w_down.weight)  # [B, T, M]
+        h = F.silu(linear(x, self.w_gate.weight)) * linear(x, self.w_up.weight)  # SwiGLU: [B, T, F]
+        return linear(h, self.w_down.weight)  # [B, T, M]
 
 
 class Llama(nn.Module):
@@ -270,7 +297,7 @@ class Llama(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: h: [B, T, M] -> [B, T, V]."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(h), w)
+        return linear(self.norm(h), w)
 
     # -- the forward pass ----------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, *, edit: Edit | None = None,
@@ -304,6 +331,8 @@ class Llama(nn.Module):
             if attn_mask is None or cache is not None:
                 raise ValueError("forward: pass pos together with attn_mask, and without a cache")
         elif cache is not None:
+            if cache.len + T > cache.max_len:
+                raise ValueError(f"KVCache: {cache.len} + {T} positions do not fit the {cache.max_len} allocated")
             new = torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask.bool()
             cache.mask[:, cache.len:cache.len + T] = new
             pos = cache.pos[:, None] + new.long().cumsum(1) - 1  # [B, T]
@@ -314,6 +343,10 @@ class Llama(nn.Module):
             attn_mask = (torch.arange(S, device=dev)[None, :] <= q_at[:, None])[None] & keys[:, None, :]
             attn_mask |= torch.arange(S, device=dev)[None, None, :] == q_at[None, :, None]  # pads see themselves
             attn_mask = attn_mask[:, None]  # [B, 1, T, S]
+            if T == 1:  # a decoding step: the additive form every layer's grouped attention adds to its scores
+                K, G = self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads
+                bias = torch.zeros(B, S, dtype=self.dtype, device=dev).masked_fill(~attn_mask[:, 0, 0], float("-inf"))
+                attn_mask = bias[:, None, None].expand(B, K, G, S).reshape(B * K, G, S)  # [B*K, H/K, S]
         elif mask is not None:
             new = mask.bool()
             pos = (new.long().cumsum(1) - 1).clamp(min=0) + P
@@ -345,7 +378,7 @@ class Llama(nn.Module):
             if output == "kv":
                 kvs.append(kv)
             # eq. 2.4: r += sum_h W_h o_h, i.e. einsum("bthd,mhd->btm", o, W_O), done as one matmul
-            r = r + F.linear(o.flatten(2), layer.wo.weight)  # [B, T, M]
+            r = r + linear(o.flatten(2), layer.wo.weight)  # [B, T, M]
             if edit is not None:  # ---- the edit seam ----
                 d = edit.delta(l, o, layer.W_O)  # [B, T, M] (or broadcastable), or None
                 if d is not None:
@@ -483,21 +516,17 @@ class Llama(nn.Module):
         return model
 
     def _hf_targets(self) -> dict[str, torch.Tensor]:
-        """HF tensor name -> the (view of the) parameter it fills."""
-        c = self.cfg
-        H, K, D, Fm = c.n_heads, c.n_kv_heads, c.head_dim, c.d_mlp
+        """HF tensor name -> the parameter it fills."""
         t = {"model.embed_tokens.weight": self.embed.weight, "model.norm.weight": self.norm.weight}
         if self.lm_head is not None:
             t["lm_head.weight"] = self.lm_head.weight
         for l, layer in enumerate(self.layers):
             p = f"model.layers.{l}."
-            q, k, v = layer.wqkv.weight.split([H * D, K * D, K * D], dim=0)
-            gate, up = layer.w_gate_up.weight.split([Fm, Fm], dim=0)
             t.update({p + "input_layernorm.weight": layer.attn_norm.weight,
-                      p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                      p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.wo.weight,
+                      p + "self_attn.q_proj.weight": layer.wq.weight,
+                      p + "self_attn.k_proj.weight": layer.wk.weight, p + "self_attn.v_proj.weight": layer.wv.weight, p + "self_attn.o_proj.weight": layer.wo.weight,
                       p + "post_attention_layernorm.weight": layer.mlp_norm.weight,
-                      p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                      p + "mlp.gate_proj.weight": layer.w_gate.weight, p + "mlp.up_proj.weight": layer.w_up.weight,
                       p + "mlp.down_proj.weight": layer.w_down.weight})
         return t
 

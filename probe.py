@@ -119,7 +119,7 @@ def collect(model, tokenizer, examples: list, *, batch_size: int = 32, cache_key
                 q += 1
             ids, mask = pad_left([enc[rows[0]][:P] for P, rows in block], pad, dev)  # [Q, Pm]
             Pm = ids.shape[1]
-            prefix = KVCache(cfg, len(block), Pm, model.dtype, dev)  # k[l], v[l]: [Q, K, Pm, D]
+            prefix = KVCache(cfg, len(block), Pm, model.dtype, dev)  # k_t[l]: [Q, K, D, Pm], v[l]: [Q, K, Pm, D]
             model(ids, mask, cache=prefix, output="hidden")
             # 2. the answers on top, shortest first: (answer length, example, question in block)
             rows = sorted((len(enc[i]) - P, i, j) for j, (P, r) in enumerate(block) for i in r)
@@ -129,8 +129,8 @@ def collect(model, tokenizer, examples: list, *, batch_size: int = 32, cache_key
                 ids, mask = pad_left([enc[i][block[j][0]:] for _, i, j in batch], pad, dev)  # [B, T]
                 cache = KVCache(cfg, len(batch), Pm + ids.shape[1], model.dtype, dev)
                 for l in range(L):
-                    cache.k[l][:, :, :Pm] = prefix.k[l][which]  # [B, K, Pm, D]
-                    cache.v[l][:, :, :Pm] = prefix.v[l][which]
+                    cache.k_t[l][..., :Pm] = prefix.k_t[l][which]  # K^T: [B, K, D, Pm]
+                    cache.v[l][:, :, :Pm] = prefix.v[l][which]  # [B, K, Pm, D]
                 cache.mask[:, :Pm], cache.pos, cache.len = prefix.mask[which], prefix.pos[which], Pm
                 o = model(ids, mask, cache=cache, output="probe")  # [B, L, H, D]
                 X[torch.tensor([i for _, i, _ in batch])] = o.to("cpu", X.dtype)

@@ -210,6 +210,46 @@ def test_cached_decoding_equals_full_forward(tiny):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_cached_decoding_with_prefill_chunks(tiny):
+    """Prefill in two chunks (the second attends to the cached first, as probe.py's shared prefixes do), then
+    decoding steps, with left padding: equal to the full forward at every real position."""
+    model, _ = tiny
+    ids, mask = pad_left([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25]])  # [2, 8]
+    full = model(ids, mask)
+    cache = KVCache(model.cfg, 2, 8, model.dtype, "cpu")
+    steps = [model(ids[:, :3], mask[:, :3], cache=cache), model(ids[:, 3:6], cache=cache)]
+    steps += [model(ids[:, t:t + 1], cache=cache) for t in range(6, 8)]
+    got = torch.cat(steps, dim=1)
+    torch.testing.assert_close(got[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, 2:], full[1, 2:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        model(ids[:, :1], cache=cache)
+
+
+def test_prepacked_bf16_linear_is_bit_identical(tiny, monkeypatch):
+    """bf16 inference goes through oneDNN-prepacked weights (llama.linear): the same bits as F.linear, for the
+    full forward and for generation, and a weight changed in place is repacked, not served stale."""
+    import llama
+
+    if not llama.PREPACK:
+        pytest.skip("this torch has no oneDNN prepacking")
+    _, path = tiny
+    model = Llama.from_pretrained(path, dtype="bf16")
+    ids = torch.randint(0, 64, (3, 9))
+    prompts = [[3, 4, 5], [7, 8], [9, 10, 11, 12]]
+    with torch.inference_mode():
+        packed = model(ids), model.generate_ids(prompts, 6)
+        assert hasattr(model.layers[0].wq.weight, "_packed")
+        monkeypatch.setattr(llama, "PREPACK", False)
+        plain = model(ids), model.generate_ids(prompts, 6)
+        assert torch.equal(packed[0], plain[0]) and packed[1] == plain[1]
+        model.layers[0].w_down.weight.mul_(3)  # in place: its packed copy is now stale
+        want = model(ids)
+        monkeypatch.setattr(llama, "PREPACK", True)
+        got = model(ids)
+    assert torch.equal(got, want) and not torch.equal(got, packed[0])
+
+
 def test_left_padded_batch_equals_each_alone(tiny):
     model, _ = tiny
     seqs = [[3, 9, 27, 14, 5, 6], [7, 8], [40, 41, 42, 43]]
