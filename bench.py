@@ -105,6 +105,9 @@ def bench_llama(model_name: str, repeat: int, with_reference: bool) -> dict:
         weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         with torch.inference_mode():
             r["weights_mb"] = weights_mb
+            # bf16 matmuls on CPU keep a oneDNN-prepacked copy of each weight they use (llama.linear)
+            r["prepacked_copies_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()
+                                           if hasattr(p, "_packed")) / 2**20
             r["prefill_peak_extra_mb"] = peak_rss_delta_mb(lambda: model(ids))
             if ref is not None:
                 r["hf_prefill_peak_extra_mb"] = peak_rss_delta_mb(lambda: ref(ids))
