@@ -304,6 +304,7 @@ def base_eval(ctx: Context) -> dict:
     key = hashlib.sha256(json.dumps([ctx.model.source, ctx.cfg.dtype, ctx.cfg.version, ctx.cfg.seed,
                                      [q.qid for q in ctx.test], ctx.prompts.layout_id, tj.meta.get("data_sha256"),
                                      ij.meta.get("data_sha256"), tj.meta.get("recipe"),
+                                     tj.meta.get("created"), ij.meta.get("created"),  # a retrained judge scores anew
                                      hashlib.sha256("\n".join(ctx.kl_texts()).encode()).hexdigest()],
                                     default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "evals" / f"base-{key}.json"
