@@ -544,33 +544,48 @@ def check_judge(path: Path, kind: str, sha: str, backbone: str) -> str | None:
     return None
 
 
-def load_judge(kind: str, *, data=None, version: str = "v0", backbone: str = BACKBONE, train_if_missing: bool = True,
-               model: Llama | None = None, tokenizer=None) -> Judge:
-    """The cached judge for this kind, backbone and data file (its sha256), trained first when it is missing
-    or does not match (with a message saying why). `model`/`tokenizer`: an already loaded backbone to share
-    (it must be the unedited backbone; judges were trained on it in bf16)."""
+def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = BACKBONE,
+                train_if_missing: bool = True, model: Llama | None = None, tokenizer=None) -> dict[str, Judge]:
+    """The cached judges of these kinds for this backbone and data (the files' sha256). Kinds that are missing
+    or do not match are first trained together, sharing one frozen pass (with a message saying why).
+    `model`/`tokenizer`: an already loaded backbone to share (the unedited backbone; it is used only when it
+    has the recipe's dtype, bf16, as the heads were trained on bf16 features)."""
     from safetensors.torch import load_file
 
-    if kind not in KINDS:
-        raise ValueError(f"judge kind {kind!r}: expected one of {KINDS}")
-    sha = data_sha256(kind, data, version)
-    path = judge_dir(kind, sha, backbone)
-    why = check_judge(path, kind, sha, backbone)
-    if why is not None:
-        if not train_if_missing:
-            raise FileNotFoundError(f"{why}; train it with: python judge.py train --kind {kind}")
-        _log(f"judge {kind}: training ({why})")
-        return train_judge(kind, data=data, version=version, backbone=backbone, model=model, tokenizer=tokenizer)
-    meta = json.loads((path / "meta.json").read_text())
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"judge kinds {tuple(kinds)}: expected some of {KINDS}")
     if model is not None and model.dtype != as_dtype(RECIPE["backbone_dtype"]):
-        model = None  # the head was trained on bf16 features: load the backbone as it was
-    model, tokenizer = _load_backbone(backbone, model, tokenizer)
-    head = JudgeHead(model, meta["recipe"]["k"], meta["recipe"]["top"], meta["yes_id"], meta["no_id"])
-    try:
-        head.load_state_dict(load_file(str(path / "head.safetensors")))
-    except (RuntimeError, OSError) as e:
-        raise ValueError(f"{path / 'head.safetensors'}: does not fit the backbone {backbone} ({e})") from None
-    return Judge(kind, head, model, tokenizer, meta)
+        model = None  # load the backbone as the heads were trained on it
+    paths, todo = {}, []
+    for kind in kinds:
+        sha = data_sha256(kind, data, version)
+        paths[kind] = judge_dir(kind, sha, backbone)
+        why = check_judge(paths[kind], kind, sha, backbone)
+        if why is not None:
+            if not train_if_missing:
+                raise FileNotFoundError(f"{why}; train it with: python judge.py train --kind {kind}")
+            _log(f"judge {kind}: training ({why})")
+            todo.append(kind)
+    judges = train_judges(todo, data=data, version=version, backbone=backbone, model=model,
+                          tokenizer=tokenizer) if todo else {}
+    for kind in kinds:
+        if kind in judges:
+            continue
+        meta = json.loads((paths[kind] / "meta.json").read_text())
+        model, tokenizer = _load_backbone(backbone, model, tokenizer)
+        head = JudgeHead(model, meta["recipe"]["k"], meta["recipe"]["top"], meta["yes_id"], meta["no_id"])
+        try:
+            head.load_state_dict(load_file(str(paths[kind] / "head.safetensors")))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{paths[kind] / 'head.safetensors'}: does not fit the backbone {backbone} ({e})") from None
+        judges[kind] = Judge(kind, head, model, tokenizer, meta)
+    return {kind: judges[kind] for kind in kinds}
+
+
+def load_judge(kind: str, **kw) -> Judge:
+    """The cached judge of one kind (see `load_judges`), trained first when it is missing or does not match."""
+    return load_judges((kind,), **kw)[kind]
 
 
 # ----------------------------------------------------------------------------------------------------------

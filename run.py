@@ -226,8 +226,8 @@ class Context:
 
             shared = dict(model=self.model, tokenizer=self.tok) if (
                 self.cfg.model == judge.BACKBONE and self.cfg.device == "cpu") else {}
-            self._judges = tuple(judge.load_judge(k, data=self.cfg.data, version="v0", **shared)
-                                 for k in ("truth", "info"))
+            self._judges = tuple(judge.load_judges(("truth", "info"), data=self.cfg.data, version="v0",
+                                                   **shared).values())
         return self._judges
 
     def kl_texts(self) -> list[str]:

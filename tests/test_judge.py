@@ -165,13 +165,9 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
 # ---- the real judge (trained once, cached) ---------------------------------------------------------------------
 
 def real_judges():
-    """The default judges, trained once per machine when they are not cached (about half an hour on 2 cores;
+    """The default judges, trained once per machine when they are not cached (about 23 minutes on 2 cores;
     both kinds share one frozen pass), then read from the cache."""
-    missing = [k for k in judge.KINDS
-               if judge.check_judge(judge.judge_dir(k, judge.data_sha256(k)), k, judge.data_sha256(k), judge.BACKBONE)]
-    if missing:
-        judge.train_judges(tuple(missing))
-    return {kind: judge.load_judge(kind, train_if_missing=False) for kind in judge.KINDS}
+    return judge.load_judges(judge.KINDS)
 
 
 def test_real_judge_on_test_questions():

@@ -93,7 +93,7 @@ def stub_judges(monkeypatch):
         return judge.Judge(kind, head, model, tokenizer, {"layout": judge.judge_layout(kind, data),
                                                           "data_sha256": "stub", "validation": {}})
 
-    monkeypatch.setattr(judge, "load_judge", load)
+    monkeypatch.setattr(judge, "load_judges", lambda kinds, **kw: {kind: load(kind, **kw) for kind in kinds})
 
 
 def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monkeypatch, capsys):
