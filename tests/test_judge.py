@@ -144,6 +144,38 @@ def test_train_save_load_and_mismatched_data(tiny, tmp_path, monkeypatch, capsys
         judge.load_judge("truth", data=data, backbone=str(path), train_if_missing=False, model=model, tokenizer=tok)
 
 
+def test_kinds_side_by_side_equal_one_at_a_time(tiny, tmp_path, monkeypatch):
+    """With two threads the kinds train side by side (a thread each); the heads are the same as when they train
+    one after the other on one thread, so the two threads do not disturb each other. load_judges trains every missing kind
+    in one go (one frozen pass) and then reads them from the cache."""
+    path, model, tok = tiny
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(judge, "RECIPE", dict(TINY_RECIPE, epochs=2))
+    data = write_data(tmp_path / "data", learnable_lines())
+    calls = []
+    train = judge.train_judges
+    monkeypatch.setattr(judge, "train_judges", lambda kinds, **kw: calls.append(tuple(kinds)) or train(kinds, **kw))
+    # one frozen pass for both runs (its fp32 sums differ in the last bits between 1 and 2 threads)
+    passed = {}
+    frozen = judge.frozen_pass
+    monkeypatch.setattr(judge, "frozen_pass", lambda *a, **kw: passed.setdefault("f", frozen(*a, **kw)))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        both = judge.load_judges(judge.KINDS, data=data, backbone=str(path), model=model, tokenizer=tok)
+        assert calls == [judge.KINDS] and both["truth"].meta["kinds_side_by_side"] == 2
+        assert judge.load_judges(judge.KINDS, data=data, backbone=str(path), model=model, tokenizer=tok).keys() == both.keys()
+        assert len(calls) == 1  # the second call read the cache
+        one = judge.train_judges(judge.KINDS, data=data, backbone=str(path), model=model, tokenizer=tok,
+                                 out={kind: tmp_path / f"one-{kind}" for kind in judge.KINDS}, threads=1)
+        for kind in judge.KINDS:
+            assert one[kind].meta["kinds_side_by_side"] == 1
+            for (n, a), (_, b) in zip(both[kind].head.state_dict().items(), one[kind].head.state_dict().items()):
+                assert torch.equal(a, b), (kind, n)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_cli_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
     data = write_data(tmp_path / "data", learnable_lines(3))
