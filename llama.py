@@ -182,8 +182,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T, as F.linear, and bit-identical to it. For bf16 weights on CPU, where nothing needs a gradient,
     through a copy of w prepacked once for oneDNN (kept on w, remade when w changes in place): a plain bf16 CPU
-    matmul re-packs its weight on every call, which makes a decoding step (16 rows) 1.5x slower (bench.py).
-    The copies take as much memory again as the bf16 weights; `llama.PREPACK = False` turns them off.
+    matmul re-packs its weight on every call: at 16 rows it is 1.3-1.5x slower per matmul, and greedy
+    generation 1.1x slower (bench.py). The copies take as much memory again as the bf16 weights (266 MB for
+    SmolLM2-135M); `llama.PREPACK = False` turns them off.
     fp32 keeps the plain matmul: oneDNN's fp32 kernel sums in another order, and fp32 is the exact mode."""
     if not PREPACK or w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.is_inference() or \
             torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
@@ -225,7 +226,7 @@ class Layer(nn.Module):
     def attention(self, x, cos, sin, attn_mask, cache: KVCache | None, l: int, past=None):
         """x: [B, T, M] (normalised) -> o: [B, T, H, D], plus this layer's (k, v) over all key positions.
         attn_mask: [B, 1, T, S] bool (True = may attend) or None (causal); for a decoding step (T = 1 with a
-        cache) the additive form [B*K, H/K, S] (0 or -inf) that Llama.forward builds once for all layers."""
+        cache) the additive form [B*K, 1, S] (0 or -inf) that Llama.forward builds once for all layers."""
         B, T, _ = x.shape
         H, K, D = self.H, self.K, self.D
         q = linear(x, self.wq.weight).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
@@ -243,7 +244,7 @@ class Layer(nn.Module):
                 o = torch.bmm(a, v_all.flatten(0, 1)).view(B, 1, H, D)  # [B, 1, H, D]
                 return o, (k_t.transpose(-1, -2), v_all)
             if not fresh:  # new tokens on top of cached ones (the first chunk attends to itself alone)
-                k, v = k_t.transpose(-1, -2), v_all  # [B, K, S, D]
+                k, v = k_t.transpose(-1, -2).contiguous(), v_all  # [B, K, S, D]; SDPA's flash kernel wants D contiguous
         elif past is not None:  # a shared prefix's keys/values, [1 or B, K, P, D], kept in the autograd graph
             k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
@@ -339,14 +340,15 @@ class Llama(nn.Module):
             pos = pos.clamp(min=0)
             S = cache.len + T
             keys = cache.mask[:, :S]  # [B, S]
-            q_at = torch.arange(cache.len, S, device=dev)  # slot of each new token
-            attn_mask = (torch.arange(S, device=dev)[None, :] <= q_at[:, None])[None] & keys[:, None, :]
-            attn_mask |= torch.arange(S, device=dev)[None, None, :] == q_at[None, :, None]  # pads see themselves
-            attn_mask = attn_mask[:, None]  # [B, 1, T, S]
-            if T == 1:  # a decoding step: the additive form every layer's grouped attention adds to its scores
-                K, G = self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads
-                bias = torch.zeros(B, S, dtype=self.dtype, device=dev).masked_fill(~attn_mask[:, 0, 0], float("-inf"))
-                attn_mask = bias[:, None, None].expand(B, K, G, S).reshape(B * K, G, S)  # [B*K, H/K, S]
+            if T == 1:  # a decoding step: the additive mask every layer's grouped attention adds to its scores
+                bias = torch.zeros(B, S, dtype=self.dtype, device=dev).masked_fill(~keys, float("-inf"))
+                bias[:, -1] = 0  # the new token sees itself (a padding one too)
+                attn_mask = bias.repeat_interleave(self.cfg.n_kv_heads, dim=0)[:, None]  # [B*K, 1, S]
+            else:
+                q_at = torch.arange(cache.len, S, device=dev)  # slot of each new token
+                attn_mask = (torch.arange(S, device=dev)[None, :] <= q_at[:, None])[None] & keys[:, None, :]
+                attn_mask |= torch.arange(S, device=dev)[None, None, :] == q_at[None, :, None]  # pads see themselves
+                attn_mask = attn_mask[:, None]  # [B, 1, T, S]
         elif mask is not None:
             new = mask.bool()
             pos = (new.long().cumsum(1) - 1).clamp(min=0) + P
@@ -559,11 +561,29 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return Path(gguf.resolve_model(name_or_path))
 
 
+def write_file_atomic(path: Path, write: Callable[[str], object]) -> Path:
+    """Write a file all at once: write(tmp) writes a temporary sibling, which is then renamed to `path`.
+    A failure leaves no half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> Path:
     """Write a directory all at once: fill(tmp) writes into a temporary sibling, which then replaces `path`.
     A failure leaves no half-written directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
     try:
         fill(tmp)
         if path.exists():
@@ -573,6 +593,19 @@ def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix, leaving at least one token of the shortest sequence."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:

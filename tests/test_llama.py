@@ -292,6 +292,14 @@ def test_batched_cached_generation_equals_naive_greedy(tiny):
         got = model.generate_ids(prompts, 8, edit=edit)
         assert got == [greedy_no_cache(model, p, 8, edit) for p in prompts]
 
+    # one-token prompts beside an empty one: a decoding step with a padding query in the batch stays finite
+    got = model.generate_ids([[], [7], [9]], 6)
+    assert got[1:] == [greedy_no_cache(model, p, 6) for p in ([7], [9])]
+    ids, mask = pad_left([[], [7]])  # [2, 1], row 0 padding
+    cache = KVCache(model.cfg, 2, 3, model.dtype, "cpu")
+    model(ids, mask, cache=cache)
+    assert torch.isfinite(model(torch.tensor([[3], [4]]), cache=cache)).all()
+
 
 def test_generation_stops():
     class Tok:  # characters as tokens
