@@ -38,7 +38,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from llama import Edit, Llama, Progress
+from llama import Edit, Llama, Progress, shared_prefix_len, write_file_atomic
+from probe import head_list
 
 # ----------------------------------------------------------------------------------------------------------
 # The edits (eq. 4.1-4.3)
@@ -55,8 +56,6 @@ class Rank1Edit(Edit):
     weight decay). Initialisation as in LoRA/peft: a Kaiming-uniform (peft's lora_A: U(-1/sqrt(H*D),
     1/sqrt(H*D))), b = 0, so a fresh edit is the identity and gradients reach b first.
     """
-
-    positions = "all"
 
     def __init__(self, kind: str, mask: torch.Tensor, d_model: int, head_dim: int, seed: int = 0):
         if kind not in ("lora", "reparam"):
@@ -108,7 +107,7 @@ class Rank1Edit(Edit):
     @property
     def heads(self) -> list[str]:
         """The chosen heads as "layer.head" strings (all heads for the plain LoRA)."""
-        return [f"{l}.{h}" for l, h in self.mask.nonzero().tolist()]
+        return head_list(self.mask)
 
     def b_eff(self) -> torch.Tensor:
         """b with the head mask applied: [L, M] or [L, H*D]. Entries outside the heads are exactly zero and
@@ -127,6 +126,17 @@ class Rank1Edit(Edit):
             v = W.flatten(1) @ b  # W^l b^l = sum_h W_h b_h^l: [M]                         (eq. 4.3)
         return s[..., None] * v  # [B, T, M]
 
+    def head_vectors(self, l: int, W: torch.Tensor) -> torch.Tensor | None:
+        """W_h b_h^l for each head h: [H, M] fp32 (eq. 4.3, zero outside the chosen heads), with coefficient
+        <a^l, o^l>; None for the plain LoRA, whose b lives in model space."""
+        if self.kind == "lora":
+            return None
+        b = self.b_eff()[l].detach().float().to(W.device).view(W.shape[1], W.shape[2])  # b_h^l: [H, D]
+        return torch.einsum("mhd,hd->hm", W.float(), b)
+
+    def coefficient(self, l: int, o: torch.Tensor) -> torch.Tensor:
+        return o.flatten(2).float() @ self.a[l].detach().float().to(o.device)  # <a^l, o^l>: [B, T]
+
     # -- merging and saving ----------------------------------------------------------------------------------
     @torch.no_grad()
     def merge_into(self, model: Llama, inplace: bool = False) -> Llama:
@@ -142,7 +152,7 @@ class Rank1Edit(Edit):
         return target
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"a": self.a.detach().clone(), "b": self.b.detach().clone(), "mask": self.mask.clone()}
+        return {"a": self.a.detach().clone(), "b": self.b.detach().clone()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -160,11 +170,9 @@ class Rank1Edit(Edit):
                                       "n_layers": self.mask.shape[0], "n_heads": self.mask.shape[1]})}
         for k, v in (extra_meta or {}).items():
             meta[k] = json.dumps(v)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"a": self.a.detach().contiguous(), "b": self.b_eff().detach().contiguous(),
-                   "mask": self.mask.contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        tensors = {"a": self.a.detach().contiguous(), "b": self.b_eff().detach().contiguous(),
+                   "mask": self.mask.contiguous()}
+        return write_file_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Rank1Edit":
@@ -340,41 +348,25 @@ class PairData:
         return sum(2 * (P + len(self.prompts[i])) + len(self.chosen[i]) + len(self.rejected[i]) for i in idx)
 
 
-def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common token prefix, leaving at least one token of the shortest sequence."""
-    if not seqs:
-        return 0
-    first, n = seqs[0], min(len(s) for s in seqs) - 1
-    for s in seqs[1:]:
-        k = 0
-        while k < n and s[k] == first[k]:
-            k += 1
-        n = k
-    return max(n, 0)
-
-
-def encode_pairs(tokenizer, pairs, prompts, prefix: Sequence[int] | None = None) -> PairData:
+def encode_pairs(tokenizer, pairs, prompts) -> PairData:
     """Tokenise pairs (objects with .question, .chosen, .rejected). The prompt x is prompts.generation(question)
     (or prompts(question) for a callable); an answer y is " " + answer, so x + y reads like a generation. The
     prompt is tokenised whole (BPE merges across "\\n\\nQ" differ from a piecewise encoding); the shared prefix
-    is the longest common token prefix of all prompts unless given."""
+    is the longest common token prefix of all prompts."""
     make = prompts.generation if hasattr(prompts, "generation") else prompts
     full = [tokenizer.encode(make(p.question)) for p in pairs]
-    if prefix is None:
-        prefix = full[0][:shared_prefix_len(full)] if full else []
-    prefix = list(prefix)
-    for x in full:
-        if x[:len(prefix)] != prefix or len(x) <= len(prefix):
-            raise ValueError("encode_pairs: a prompt does not start with the shared prefix tokens")
+    prefix = full[0][:shared_prefix_len(full)] if full else []
+    return PairData(prefix, [x[len(prefix):] for x in full], [encode_answer(tokenizer, p.chosen) for p in pairs],
+                    [encode_answer(tokenizer, p.rejected) for p in pairs])
 
-    def ans(text: str) -> list[int]:
-        ids = tokenizer.encode(text if text[:1].isspace() else " " + text)
-        if not ids:
-            raise ValueError(f"encode_pairs: answer {text!r} has no tokens")
-        return ids
 
-    return PairData(prefix, [x[len(prefix):] for x in full], [ans(p.chosen) for p in pairs],
-                    [ans(p.rejected) for p in pairs])
+def encode_answer(tokenizer, text: str) -> list[int]:
+    """The tokens of an answer y as it follows "A:" in a prompt: " " + answer (unless it starts with a space).
+    Used for training pairs and for the multiple-choice targets alike."""
+    ids = tokenizer.encode(text if text[:1].isspace() else " " + text)
+    if not ids:
+        raise ValueError(f"answer {text!r} has no tokens")
+    return ids
 
 
 @torch.no_grad()
@@ -482,9 +474,7 @@ def reference_logprobs(model: Llama, data: dict[str, PairData], average: bool, o
                 return load_file(str(path))
     ref = {k: pair_logprobs(model, d, None, average, progress=f"reference log-probs ({k})" if len(d) > 200 else None)
            for k, d in data.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in ref.items()}, tmp, metadata={"key": key}))
     return ref
 
 
@@ -551,9 +541,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
                 "edit": edit.state(), "opt": copy.deepcopy(opt.state_dict())}
 
     def save_ckpt(state: dict) -> None:
-        tmp = ckpt.with_name(".ckpt.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt)
+        write_file_atomic(ckpt, lambda tmp: torch.save(state, tmp))
 
     def summary(epoch: int) -> dict:
         n = max(sums[3], 1)

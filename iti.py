@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import llama
-from probe import _atomic, head_list
+from probe import head_list
 
 FORMAT = "editloc-iti-1"
 
@@ -54,17 +54,16 @@ class ITIEdit(llama.Edit):
         if not bool(self.mask[l].any()):
             return None
         weight = W._base if W._base is not None else W  # the o_proj parameter W is a view of
-        try:
-            version = weight._version  # changes if the weights are modified in place
-        except RuntimeError:  # inference tensors have no version counter
-            version = None
-        key = (version, W.device, o.dtype)
+        key = (weight._version, W.device, o.dtype)  # _version changes if the weights are modified in place
         hit = self._delta.get(l)
         if hit is None or hit[0]() is not weight or hit[1] != key:
-            theta = self.theta[l].to(W.device)  # [H, D]
-            d = self.alpha * torch.einsum("hd,mhd->m", theta, W.float())  # [M]
+            d = self.head_vectors(l, W).sum(0)  # [M]
             hit = self._delta[l] = (weakref.ref(weight), key, d.to(o.dtype))
         return hit[2]  # [M], broadcast over [B, T, M]
+
+    def head_vectors(self, l: int, W: torch.Tensor) -> torch.Tensor:
+        """alpha * W_h theta_h for each head h: [H, M] fp32 (eq. 2.6; zero outside the chosen heads)."""
+        return self.alpha * torch.einsum("hd,mhd->hm", self.theta[l].to(W.device), W.float())
 
     def with_alpha(self, alpha: float) -> "ITIEdit":
         return ITIEdit(self.theta, self.mask, alpha, self.directions, self.seed)
@@ -76,7 +75,7 @@ class ITIEdit(llama.Edit):
         meta = {"format": FORMAT, "heads": json.dumps(self.heads), "alpha": repr(self.alpha),
                 "directions": self.directions, "seed": str(self.seed)}
         tensors = {"theta": self.theta.contiguous(), "mask": self.mask.to(torch.uint8).contiguous()}
-        return _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return llama.write_file_atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ITIEdit":

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import Llama, Progress, as_dtype, cache_dir, linear, pad_right, rotate_half, write_dir_atomic
-from metrics import common_prefix_len
+from llama import (Llama, Progress, as_dtype, cache_dir, pad_right, rotate_half, shared_prefix_len,
+                   write_dir_atomic)
 
 KINDS = ("truth", "info")
 BACKBONE = "smollm2-135m"
@@ -183,38 +183,25 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
             row_ids, row_grp, row_pos = [], [], []
             for i in part:
                 toks = [tokenizer.encode(t.format(answer=answers[i])) for t in tails]
-                C = min(common_prefix_len(toks[0], t) for t in toks)
-                C = min(C, min(len(t) for t in toks) - 1)  # every kind keeps at least its last token
+                C = shared_prefix_len(toks)  # tokens the kinds share; each keeps at least its last token
                 ids, grp, ps = toks[0][:C], [0] * C, list(range(P, P + C))
                 for g, t in enumerate(toks):
                     ids, grp, ps = ids + t[C:], grp + [g + 1] * (len(t) - C), ps + list(range(P + C, P + len(t)))
                 row_ids.append(ids), row_grp.append(grp), row_pos.append(ps)
-            ids, real = pad_right(row_ids, 0)  # [B, T]
+            ids, _ = pad_right(row_ids, 0)  # [B, T]
+            grp, _ = pad_right(row_grp, -1)  # [B, T], -1: padding
+            pos_bt, _ = pad_right(row_pos, 0)  # [B, T]
             B, T = ids.shape
-            grp = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
-            pos_bt = torch.zeros(B, T, dtype=torch.long)
-            for b in range(B):
-                grp[b, :len(row_grp[b])] = torch.tensor(row_grp[b])
-                pos_bt[b, :len(row_pos[b])] = torch.tensor(row_pos[b])
             # query t may see key u <= t when u is shared or in t's own group; the question part is always visible
             sees = (grp[:, None, :] == 0) | (grp[:, None, :] == grp[:, :, None])  # [B, T, T]
             sees &= torch.ones(T, T, dtype=torch.bool).tril()[None]
             sees |= torch.eye(T, dtype=torch.bool)[None]  # a padding query sees itself
             attn_mask = torch.cat([sees.new_ones(B, T, P), sees], dim=2)[:, None]  # [B, 1, T, P+T]
-            cos, sin = model.rope(pos_bt)  # [B, 1, T, D]
-            r = model.embed(ids)  # residual stream: [B, T, M]
-            kvs = []
-            for l in range(top):  # the frozen layers, written out as in Llama.forward (eq. 2.4), keeping k/v
-                layer = model.layers[l]
-                o, (K, V) = layer.attention(layer.attn_norm(r), cos, sin, attn_mask, None, l, past[l])  # K: [B, Kh, P+T, D]
-                if l >= k:
-                    kvs.append(torch.stack([K[:, :, P:], V[:, :, P:]], dim=1))  # [B, 2, Kh, T, D]
-                if l == k:
-                    r_k = r  # residual entering layer k: [B, T, M]
-                if l < top - 1:
-                    r = r + linear(o.flatten(2), layer.wo.weight)  # [B, T, M]
-                    r = r + layer.mlp(layer.mlp_norm(r))
-            a_kv = torch.stack(kvs).permute(1, 4, 0, 2, 3, 5)  # [B, T, n, 2, Kh, D]
+            r_k = model(ids, past=past, pos=pos_bt, attn_mask=attn_mask, stop_at_layer=k)  # entering layer k: [B, T, M]
+            _, kvs = model(ids, past=past, pos=pos_bt, attn_mask=attn_mask, resid=r_k, start_at_layer=k,
+                           stop_at_layer=top, output="kv")  # layers k..top-1: (K, V) [B, Kh, P+T, D] each
+            a_kv = torch.stack([torch.stack([K[:, :, P:], V[:, :, P:]], dim=1) for K, V in kvs])  # [n, B, 2, Kh, T, D]
+            a_kv = a_kv.permute(1, 4, 0, 2, 3, 5)  # [B, T, n, 2, Kh, D]
             for b, i in enumerate(part):
                 g_b = grp[b]
                 last = [int((g_b == g + 1).nonzero().max()) for g in range(G)]  # each kind's last token
@@ -307,7 +294,7 @@ def head_logits(head: JudgeHead, feats: Features, idx: list[int], batch_size: in
 
 
 def fit_head(model: Llama, feats: Features, labels: torch.Tensor, train_idx: list[int], yes_id: int, no_id: int,
-             recipe: dict, seed: int = 0, what: str = "fit", eval_idx: list[int] | None = None) -> JudgeHead:
+             recipe: dict, seed: int = 0, what: str = "fit") -> JudgeHead:
     """AdamW on the binary cross-entropy of sigmoid(logit_yes - logit_no) against the labels."""
     torch.manual_seed(seed)
     head = JudgeHead(model, recipe["k"], recipe["top"], yes_id, no_id)
@@ -335,9 +322,6 @@ def fit_head(model: Llama, feats: Features, labels: torch.Tensor, train_idx: lis
             sched.step()
             loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
             meter.update(1, extra=f"epoch {ep + 1}/{epochs} loss {loss_avg:.3f}")
-        if eval_idx:
-            acc = accuracy(head_logits(head, feats, eval_idx), labels[eval_idx])
-            _log(f"\n  {what} epoch {ep + 1}: held-out acc {acc['accuracy']:.4f} bal {acc['balanced_accuracy']:.4f}")
     meter.close()
     return head.eval()
 
@@ -355,8 +339,8 @@ def accuracy(z: torch.Tensor, y: torch.Tensor) -> dict:
 def yes_no_ids(tokenizer) -> tuple[int, int]:
     """Token ids of " yes" and " no" (the first token where the two encodings differ)."""
     y, n = tokenizer.encode(" yes"), tokenizer.encode(" no")
-    i = common_prefix_len(y, n)
-    if i >= min(len(y), len(n)):
+    i = shared_prefix_len([y, n])
+    if not y or not n or y[i] == n[i]:
         raise ValueError(f"tokenizer: ' yes' {y} and ' no' {n} do not differ in a token")
     return y[i], n[i]
 
@@ -416,8 +400,7 @@ def _splits(questions: list[str], frac: float, seed: int) -> tuple[list[int], li
 
 
 def train_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = BACKBONE, out: dict | None = None,
-                 seed: int = 0, recipe: dict | None = None, model: Llama | None = None, tokenizer=None,
-                 validate: bool = True, threads: int | None = None) -> dict[str, Judge]:
+                 seed: int = 0, model: Llama | None = None, tokenizer=None, threads: int | None = None) -> dict[str, Judge]:
     """Train judges of several kinds on one shared frozen pass (the lines' answer tokens are computed once).
 
     For each kind: (1) fit on 90% of the unique lines, report accuracy on the random 10% held out;
@@ -430,16 +413,16 @@ def train_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str =
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train_judges(tuple(kinds), data, version, backbone, out, seed, recipe, model, tokenizer, validate)
+        return _train_judges(tuple(kinds), data, version, backbone, out, seed, model, tokenizer)
     finally:
         torch.set_num_threads(saved)
 
 
-def _train_judges(kinds, data, version, backbone, out, seed, recipe, model, tokenizer, validate) -> dict[str, Judge]:
+def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -> dict[str, Judge]:
     bad = [k_ for k_ in kinds if k_ not in KINDS]
     if bad or not kinds:
         raise ValueError(f"judge kinds {kinds}: expected some of {KINDS}")
-    recipe = dict(RECIPE, **(recipe or {}))
+    recipe = dict(RECIPE)
     t0 = time.time()
     datas = {kind: judge_data(kind, data, version) for kind in kinds}
     shas = {kind: data_sha256(kind, data, version) for kind in kinds}
@@ -471,18 +454,17 @@ def _train_judges(kinds, data, version, backbone, out, seed, recipe, model, toke
         labels = torch.zeros(len(union), dtype=torch.long)
         labels[rows] = torch.tensor(d.labels)
         validation = {}
-        if validate:
-            held_lines, held_qs = _splits(d.questions, recipe["holdout"], seed)
-            for name, held in (("random_lines", held_lines), ("question_disjoint", held_qs)):
-                hs = set(held)
-                train = [rows[i] for i in range(len(rows)) if i not in hs]
-                test = [rows[i] for i in held]
-                head = fit_head(model, f, labels, train, yes_id, no_id, recipe, seed, f"judge {kind}: fit ({name} hold-out)")
-                validation[name] = accuracy(head_logits(head, f, test), labels[test])
-                validation[name]["questions"] = len({d.questions[i] for i in held})
-                v = validation[name]
-                _log(f"judge {kind}: {name} hold-out ({v['n']} lines, {v['questions']} questions): accuracy "
-                     f"{v['accuracy']:.4f}, balanced accuracy {v['balanced_accuracy']:.4f}")
+        held_lines, held_qs = _splits(d.questions, recipe["holdout"], seed)
+        for name, held in (("random_lines", held_lines), ("question_disjoint", held_qs)):
+            hs = set(held)
+            train = [rows[i] for i in range(len(rows)) if i not in hs]
+            test = [rows[i] for i in held]
+            head = fit_head(model, f, labels, train, yes_id, no_id, recipe, seed, f"judge {kind}: fit ({name} hold-out)")
+            validation[name] = accuracy(head_logits(head, f, test), labels[test])
+            validation[name]["questions"] = len({d.questions[i] for i in held})
+            v = validation[name]
+            _log(f"judge {kind}: {name} hold-out ({v['n']} lines, {v['questions']} questions): accuracy "
+                 f"{v['accuracy']:.4f}, balanced accuracy {v['balanced_accuracy']:.4f}")
         head = fit_head(model, f, labels, rows, yes_id, no_id, recipe, seed, f"judge {kind}: final fit (all lines)")
         meta = {"kind": kind, "backbone": str(backbone), "version": version, "data_file": f"finetune_{kind}.jsonl",
                 "data_sha256": shas[kind], "layout": layouts[kind], "yes_id": yes_id, "no_id": no_id,
@@ -518,13 +500,6 @@ def _save(path: Path, head: JudgeHead, meta: dict) -> None:
     write_dir_atomic(path, fill)
 
 
-def train_judge(kind: str, *, data=None, version: str = "v0", backbone: str = BACKBONE, out=None, seed: int = 0,
-                **kw) -> Judge:
-    """Train, validate and save one judge (see `train_judges`); `out`: its directory."""
-    return train_judges((kind,), data=data, version=version, backbone=backbone, seed=seed,
-                        out={kind: out} if out else None, **kw)[kind]
-
-
 def check_judge(path: Path, kind: str, sha: str, backbone: str) -> str | None:
     """Why the judge in `path` cannot be used for this data, or None when it can."""
     if not (path / "meta.json").is_file() or not (path / "head.safetensors").is_file():
@@ -546,9 +521,11 @@ def check_judge(path: Path, kind: str, sha: str, backbone: str) -> str | None:
 
 
 def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = BACKBONE,
-                train_if_missing: bool = True, model: Llama | None = None, tokenizer=None) -> dict[str, Judge]:
+                train_if_missing: bool = True, force: bool = False, model: Llama | None = None,
+                tokenizer=None) -> dict[str, Judge]:
     """The cached judges of these kinds for this backbone and data (the files' sha256). Kinds that are missing
-    or do not match are first trained together, sharing one frozen pass (with a message saying why).
+    or do not match (or all, with `force`) are first trained together, sharing one frozen pass (with a
+    message saying why).
     `model`/`tokenizer`: an already loaded backbone to share (the unedited backbone; it is used only when it
     has the recipe's dtype, bf16, as the heads were trained on bf16 features)."""
     from safetensors.torch import load_file
@@ -562,19 +539,19 @@ def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = 
     for kind in kinds:
         sha = data_sha256(kind, data, version)
         paths[kind] = judge_dir(kind, sha, backbone)
-        why = check_judge(paths[kind], kind, sha, backbone)
+        why = "retraining as asked (--force)" if force else check_judge(paths[kind], kind, sha, backbone)
         if why is not None:
             if not train_if_missing:
                 raise FileNotFoundError(f"{why}; train it with: python judge.py train --kind {kind}")
             _log(f"judge {kind}: training ({why})")
             todo.append(kind)
+    model, tokenizer = _load_backbone(backbone, model, tokenizer)  # once, for training and loading alike
     judges = train_judges(todo, data=data, version=version, backbone=backbone, model=model,
                           tokenizer=tokenizer) if todo else {}
     for kind in kinds:
         if kind in judges:
             continue
         meta = json.loads((paths[kind] / "meta.json").read_text())
-        model, tokenizer = _load_backbone(backbone, model, tokenizer)
         head = JudgeHead(model, meta["recipe"]["k"], meta["recipe"]["top"], meta["yes_id"], meta["no_id"])
         try:
             head.load_state_dict(load_file(str(paths[kind] / "head.safetensors")))
@@ -645,18 +622,11 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "train":
             kinds = KINDS if args.kind == "both" else (args.kind,)
-            todo = []
-            for kind in kinds:
-                sha = data_sha256(kind, args.data, args.version)
-                why = check_judge(judge_dir(kind, sha, args.backbone), kind, sha, args.backbone)
-                if why is None and not args.force:
-                    _log(f"judge {kind}: cached in {judge_dir(kind, sha, args.backbone)} (use --force to retrain)")
-                else:
-                    todo.append(kind)
-            judges = train_judges(todo, data=args.data, version=args.version, backbone=args.backbone) if todo else {}
+            judges = load_judges(kinds, data=args.data, version=args.version, backbone=args.backbone,
+                                 force=args.force)
             for kind, j in judges.items():
                 print(json.dumps({"kind": kind, "validation": j.meta["validation"],
-                                  "train_seconds": j.meta["train_seconds"]}))
+                                  "train_seconds": j.meta["train_seconds"], "created": j.meta["created"]}))
             return 0
         if args.jsonl:
             if args.question is not None or args.answer is not None:

@@ -128,6 +128,15 @@ class Edit:
     def delta(self, l: int, o: torch.Tensor, W: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def head_vectors(self, l: int, W: torch.Tensor) -> torch.Tensor | None:
+        """Per-head vectors v_h: [H, M] (fp32) with delta = coefficient(l, o) * sum_h v_h, for auditing where an
+        edit enters head by head (run.py audit); None where the edit has no per-head form."""
+        return None
+
+    def coefficient(self, l: int, o: torch.Tensor) -> torch.Tensor | float:
+        """The factor of `head_vectors` at each position: [B, T] or a number."""
+        return 1.0
+
 
 # ----------------------------------------------------------------------------------------------------------
 # KV cache
@@ -319,7 +328,8 @@ class Llama(nn.Module):
                   every layer [B, L, H, D] (no logits computed), "kv" -> (logits, per-layer (k, v)).
         start_at_layer, resid: run layers start_at_layer.. on the residual `resid` [B, T, M] instead of the
                   embedding of ids (ids still gives positions); stop_at_layer=k: return the residual after
-                  layers < k ([B, T, M]). Together they let a caller cache the lower layers' residuals once.
+                  layers < k ([B, T, M]; with output="kv", also the per-layer (k, v) of the layers run). Together
+                  they let a caller cache the lower layers' residuals once.
         pos, attn_mask: explicit rotary positions [B, T] and attention mask [B, 1, T, S] (bool, True = may
                   attend) instead of the ones derived from mask/cache/past, e.g. for several sequences packed
                   into one row (ipo.py). Both or neither.
@@ -390,7 +400,7 @@ class Llama(nn.Module):
             cache.len += T
             cache.pos += new.long().sum(1)
         if output == "hidden" or stop_at_layer is not None:
-            return r
+            return (r, kvs) if output == "kv" else r
         logits = self.logits(r[:, -1:] if last_only else r)  # [B, T, V]
         return (logits, kvs) if output == "kv" else logits
 

@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ipo import answer_logprobs  # log p(answer | prompt), shared with IPO training
-from llama import Edit, Llama, Progress, pad_right
+from ipo import answer_logprobs, encode_answer, prefix_cache  # log p(answer | prompt), shared with IPO training
+from llama import Edit, Llama, Progress, pad_right, shared_prefix_len
 
 STOP = ("\nQ:", "\n\n")  # an answer ends at the next question or at a blank line
 
@@ -107,29 +107,15 @@ def mc_from_logprobs(true_lps: Sequence[float], false_lps: Sequence[float]) -> t
     return mc1, mc2, mc3
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def shared_prefix(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit | None = None):
     """Token ids of each generation prompt split into (shared prefix ids, per-question rest ids), and the
-    prefix keys/values computed once. The split is at the longest token prefix that every prompt's own
-    tokenisation shares with the tokenised prefix text, so the rest is exactly how the full prompt tokenises.
-    A weight ("all") edit changes the prefix keys/values too, so it is active there; a "newest" edit is not."""
-    prefix = tokenizer.encode(prompts.prefix)
+    prefix keys/values computed once (`ipo.prefix_cache`: a weight edit acts there, a "newest" one does not).
+    The split is at the longest token prefix the prompts' own tokenisations share (as for IPO's pairs), so
+    the rest is exactly how the full prompt tokenises."""
     full = [tokenizer.encode(prompts.generation(_text(q))) for q in questions]
-    P = min([len(prefix)] + [common_prefix_len(prefix, f) for f in full])
-    P = min(P, min(len(f) for f in full) - 1)  # keep at least one prompt token per question
-    ids = torch.tensor([prefix[:P]], device=model.device)  # [1, P]
-    all_edit = edit if (edit is not None and edit.positions == "all") else None
+    P = shared_prefix_len(full)
     with torch.inference_mode():
-        _, kv = model(ids, edit=all_edit, output="kv", last_only=True)  # per layer (k, v): [1, K, P, D]
+        kv = prefix_cache(model, full[0][:P], edit)  # per layer (k, v): [1, K, P, D]
     return kv, [f[P:] for f in full]
 
 
@@ -152,7 +138,7 @@ def mc_scores(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit 
     for q, rest in zip(questions, rests):
         texts = list(dict.fromkeys(list(q.mc1) + list(q.mc2)))  # every distinct answer, scored once
         with torch.inference_mode():  # sum of answer-token log-probs, all answers packed into one row
-            lp = answer_logprobs(model, [rest], [[tokenizer.encode(" " + a) or [tokenizer.eos_id] for a in texts]],
+            lp = answer_logprobs(model, [rest], [[encode_answer(tokenizer, a) for a in texts]],
                                  prefix_kv=past, edit=edit, average=False).tolist()
         score = dict(zip(texts, lp))
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llama import write_file_atomic
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -39,11 +41,7 @@ def log(msg: str) -> None:
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_json(path: Path, obj) -> Path:
@@ -216,7 +214,7 @@ class Context:
 
             self._probe = probe.probe_heads(self.model, self.tok, self.questions, self.split,
                                             model_name=self.model_name, version=self.cfg.version,
-                                            prompts=self.prompts, seed=self.cfg.seed)
+                                            seed=self.cfg.seed, device=self.cfg.device)
         return self._probe
 
     @property
@@ -302,9 +300,8 @@ def base_eval(ctx: Context) -> dict:
 
     tj, ij = ctx.judges
     key = hashlib.sha256(json.dumps([ctx.model.source, ctx.cfg.dtype, ctx.cfg.version, ctx.cfg.seed,
-                                     [q.qid for q in ctx.test], ctx.prompts.layout_id, tj.meta.get("data_sha256"),
-                                     ij.meta.get("data_sha256"), tj.meta.get("recipe"),
-                                     tj.meta.get("created"), ij.meta.get("created"),  # a retrained judge scores anew
+                                     [q.qid for q in ctx.test], ctx.prompts.layout_id,
+                                     [(j.meta.get("data_sha256"), j.meta.get("created")) for j in (tj, ij)],  # each training
                                      hashlib.sha256("\n".join(ctx.kl_texts()).encode()).hexdigest()],
                                     default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "evals" / f"base-{key}.json"
@@ -413,12 +410,9 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         "ipo": _ipo_meta(d) if "ipo" in edits else None,
         "audit": audits, "timings": timings, "versions": versions(ctx),
     }
-    with open(d / ".generations.jsonl.tmp", "w") as f:
-        for label, ev in evals.items():
-            for g in ev["generations"]:
-                f.write(json.dumps({"model": label, **g}) + "\n")
-    os.replace(d / ".generations.jsonl.tmp", d / "generations.jsonl")
-    write_atomic(d / "report.md", report(results, d, pr.acc, mask))
+    write_atomic(d / "generations.jsonl", "".join(json.dumps({"model": label, **g}) + "\n"
+                                                  for label, ev in evals.items() for g in ev["generations"]))
+    write_atomic(d / "report.md", report(results, d, pr.acc))
     write_json(done, results)
     log(summary(results))
     return results
@@ -454,21 +448,13 @@ def summary(res: dict) -> str:
 
 
 def head_contributions(edit, l: int, o: torch.Tensor, W: torch.Tensor) -> torch.Tensor | None:
-    """The part of edit.delta(l, o, W) each head carries: [B, T, H, M] (None where the edit has no per-head
-    form, i.e. the plain LoRA whose b lives in model space). Sums over heads to the edit's delta."""
-    import ipo
-    import iti
-
-    if isinstance(edit, iti.ITIEdit):  # alpha * W_h theta_h (eq. 2.6), the same at every edited position
-        theta = edit.theta[l].to(W.device, torch.float32)  # [H, D]
-        per = edit.alpha * torch.einsum("hd,mhd->hm", theta, W.float())  # [H, M]
-        return per.expand(o.shape[0], o.shape[1], -1, -1)
-    if isinstance(edit, ipo.Rank1Edit) and edit.kind == "reparam":  # <a, o> W_h b_h (eq. 4.3)
-        s = o.flatten(2).float() @ edit.a[l].detach().float()  # <a^l, o^l>: [B, T]
-        b = edit.b_eff()[l].detach().float().view(W.shape[1], W.shape[2])  # b_h^l: [H, D]
-        Wb = torch.einsum("mhd,hd->hm", W.float(), b)  # W_h b_h: [H, M]
-        return s[..., None, None] * Wb  # [B, T, H, M]
-    return None
+    """The part of edit.delta(l, o, W) each head carries, coefficient * v_h: [B, T, H, M] (None where the edit
+    has no per-head form, i.e. the plain LoRA whose b lives in model space). Sums over heads to the delta."""
+    v = edit.head_vectors(l, W)  # [H, M]
+    if v is None:
+        return None
+    c = torch.as_tensor(edit.coefficient(l, o), dtype=torch.float32, device=v.device)  # [B, T] or []
+    return torch.broadcast_to((c[..., None, None] if c.dim() else c) * v, (*o.shape[:2], *v.shape))
 
 
 def audit_edit(ctx: Context, edit, n_prompts: int = 32) -> dict:
@@ -517,28 +503,20 @@ def audit_edit(ctx: Context, edit, n_prompts: int = 32) -> dict:
     for l in range(L):
         if float(layer_sums[l]) == 0 and not edit.mask[l].any():
             continue
-        if getattr(edit, "kind", None) == "lora":  # b in model space: no per-head form, one row per layer
+        with torch.inference_mode():
+            v = edit.head_vectors(l, model.layers[l].W_O)  # [H, M]: alpha W_h theta_h (ITI), W_h b_h (IPO)
+        if v is None:  # b in model space (the plain LoRA): one row per layer
             rows.append({"where": f"{l}.*", "vector_norm": float(edit.b_eff()[l].norm()),
                          "mean_delta_norm": float(layer_sums[l]) / n, "share": float(layer_sums[l]) / total})
             continue
         for h in range(H):
             if not edit.mask[l, h]:
                 continue
-            rows.append({"where": f"{l}.{h}", "vector_norm": _head_vector_norm(edit, l, h, model),
+            rows.append({"where": f"{l}.{h}", "vector_norm": float(v[h].norm()),
                          "mean_delta_norm": float(sums[l, h]) / n, "share": float(sums[l, h]) / total if total else 0.0})
     return {"rows": rows, "positions": "newest (last prompt token)" if newest else "all prompt positions",
             "n_prompts": len(prompts), "outside_mask_max_abs": outside,
             "layer_delta_norm": {str(l): float(layer_sums[l]) / n for l in range(L) if layer_sums[l] > 0}}
-
-
-def _head_vector_norm(edit, l: int, h: int, model) -> float:
-    import iti
-
-    W = model.layers[l].W_O.float()  # [M, H, D]
-    if isinstance(edit, iti.ITIEdit):
-        return float((edit.alpha * W[:, h] @ edit.theta[l, h].to(W.device)).norm())  # ||alpha W_h theta_h||
-    D = W.shape[2]
-    return float((W[:, h] @ edit.b_eff()[l, h * D:(h + 1) * D].detach().float().to(W.device)).norm())  # ||W_h b_h||
 
 
 def audit_table(a: dict) -> str:
@@ -603,7 +581,7 @@ def _fmt(m: dict) -> str:
     return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def report(res: dict, d: Path, acc: torch.Tensor, mask: torch.Tensor | None) -> str:
+def report(res: dict, d: Path, acc: torch.Tensor) -> str:
     cfg = res["config"]
     out = [f"# editloc run `{d.name}`", "",
            f"Model `{cfg['model']}` ({cfg['dtype']}), TruthfulQA {cfg['version']}, split seed {cfg['seed']} "
@@ -625,7 +603,7 @@ def report(res: dict, d: Path, acc: torch.Tensor, mask: torch.Tensor | None) -> 
         out += [f"IPO: tau {i['tau']}, lr {i['lr']:g}, {i['epochs']} epoch(s), {i['n_train']} training pairs, "
                 f"{i['steps']} steps in {i['seconds']:.0f}s; final train loss {i.get('train_loss', float('nan')):.4f}, "
                 f"validation preference accuracy {i.get('val_acc', float('nan')):.3f}.", ""]
-    pics = pictures(res, d, acc, mask)
+    pics = pictures(res, d)
     out += pics + [""]
     for label, a in res["audit"].items():
         out += [f"## Audit of the {label} edit", "", audit_table(a), ""]
@@ -634,7 +612,7 @@ def report(res: dict, d: Path, acc: torch.Tensor, mask: torch.Tensor | None) -> 
     return "\n".join(out)
 
 
-def pictures(res: dict, d: Path, acc: torch.Tensor, mask) -> list[str]:
+def pictures(res: dict, d: Path) -> list[str]:
     try:
         import matplotlib
 
@@ -642,8 +620,6 @@ def pictures(res: dict, d: Path, acc: torch.Tensor, mask) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return ["Pictures need matplotlib (`pip install -e .[plots]`); it is not installed, so none were drawn."]
-    import probe
-
     lines = []
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for label, m in res["metrics"].items():
@@ -654,12 +630,11 @@ def pictures(res: dict, d: Path, acc: torch.Tensor, mask) -> list[str]:
     for a in ax:
         a.legend()
     fig.tight_layout()
-    fig.savefig(d / ".metrics.png.tmp.png", dpi=100)
+    write_file_atomic(d / "metrics.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(d / ".metrics.png.tmp.png", d / "metrics.png")
     lines.append("![Truth vs Info, MC vs KL](metrics.png)")
-    if probe.heatmap(acc, mask, d / "heatmap.png", title="probe accuracy; chosen heads marked") is not None:
-        lines.append("![probe accuracy with the chosen heads](heatmap.png)")
+    if (d / "probe" / "heatmap.png").exists():  # drawn with the probe results (probe.ProbeResult.save)
+        lines.append("![probe accuracy with the chosen heads](probe/heatmap.png)")
     return lines
 
 

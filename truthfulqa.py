@@ -147,18 +147,6 @@ class Split:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Split":
-        try:
-            s = cls(seed=int(d["seed"]), train=[int(i) for i in d["train"]], val=[int(i) for i in d["val"]],
-                    test=[int(i) for i in d["test"]])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"split: expected {{seed, train, val, test}} with integer qids ({e!r})") from None
-        parts = s.train + s.val + s.test
-        if len(set(parts)) != len(parts):
-            raise ValueError("split: train, val and test overlap or repeat a qid")
-        return s
-
 
 def make_split(questions: list[Question], seed: int = 0, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
                ) -> Split:
@@ -204,12 +192,6 @@ class Prompts:
 
     def generation(self, question: str) -> str:
         return self.layout.format(instruction=self.instruction, qa_primer=self.qa_primer, question=question)
-
-    def judge_truth(self, question: str, answer: str) -> str:
-        return self.judge_truth_layout.format(question=question, answer=answer)
-
-    def judge_info(self, question: str, answer: str) -> str:
-        return self.judge_info_layout.format(question=question, answer=answer)
 
     @property
     def layout_id(self) -> str:
@@ -257,23 +239,14 @@ class ProbeExample:
     qid: int
     text: str  # "Q: {question}\nA: {answer}": probes read the last token's head outputs o_h^l
     label: int  # 1 true answer, 0 false answer
-    text_random: str  # ITI's "end_q" layout: text + "\n\nQ: {another random question}"
 
 
-def probe_examples(questions: list[Question], qids: list[int], seed: int = 0) -> list[ProbeExample]:
+def probe_examples(questions: list[Question], qids: list[int]) -> list[ProbeExample]:
     """Every true and every false reference answer of each question in `qids` (in that order), as ITI's
-    tqa_gen datasets do. The random question of `text_random` is drawn (seeded) from the other qids."""
-    qs = _by_qid(questions, qids)
-    rng = random.Random(seed)
-    out = []
-    for i, q in enumerate(qs):
-        j = rng.randrange(len(qs) - 1) if len(qs) > 1 else 0
-        other = qs[j + (j >= i) if len(qs) > 1 else 0].question  # any question but this one
-        for label, answers in ((1, q.correct), (0, q.incorrect)):
-            for a in answers:
-                text = PROBE_LAYOUT.format(question=q.question, answer=a)
-                out.append(ProbeExample(qid=q.qid, text=text, label=label, text_random=f"{text}\n\nQ: {other}"))
-    return out
+    tqa_gen datasets do."""
+    return [ProbeExample(qid=q.qid, text=PROBE_LAYOUT.format(question=q.question, answer=a), label=label)
+            for q in _by_qid(questions, qids) for label, answers in ((1, q.correct), (0, q.incorrect))
+            for a in answers]
 
 
 @dataclass

@@ -18,13 +18,16 @@ def data(N=200, L=3, H=4, D=8, seed=0):
     return X, y
 
 
-def test_fit_iti_mass_mean():
+def test_fit_iti_mass_mean(monkeypatch):
     X, y = data()
     mask = probe.parse_heads("0.1,2.3", 3, 4)
     train = torch.arange(150)
-    edit = iti.fit_iti(X, y, train, mask)
+    raw, real = [], iti.ITIEdit  # theta as fit_iti builds it, before ITIEdit zeroes the heads outside the mask
+    with monkeypatch.context() as m:
+        m.setattr(iti, "ITIEdit", lambda theta, *a, **k: raw.append(theta.clone()) or real(theta, *a, **k))
+        edit = iti.fit_iti(X, y, train, mask)
+    assert isinstance(edit, real) and torch.equal(raw[0][~mask], torch.zeros(10, 8))
     assert edit.alpha == 1.0 and edit.directions == "mass_mean" and edit.heads == ["0.1", "2.3"]
-    assert torch.equal(edit.theta[~mask], torch.zeros(10, 8))
     for l, h in [(0, 1), (2, 3)]:  # recompute one head at a time in fp64
         x, t = X[:150, l, h].double(), y[:150].bool()
         u = x[t].mean(0) - x[~t].mean(0)
@@ -35,6 +38,9 @@ def test_fit_iti_mass_mean():
     # no leakage: rows outside train_idx do not matter
     X2 = X.clone()
     X2[150:] = 100.0
+    assert torch.equal(iti.fit_iti(X2, y, train, mask).theta, edit.theta)
+    X2 = X.clone()
+    X2[:, ~mask] = 100.0  # nor do the heads outside the mask
     assert torch.equal(iti.fit_iti(X2, y, train, mask).theta, edit.theta)
     with pytest.raises(ValueError, match="no heads"):
         iti.fit_iti(X, y, train, torch.zeros(3, 4, dtype=torch.bool))
@@ -107,12 +113,27 @@ def test_alpha_zero_is_bit_identical(tiny_dir):
     assert torch.equal(model(ids, edit=edit), model(ids))
     prompts = [[5, 9, 11, 4, 7], [8, 3]]
     assert model.generate_ids(prompts, 10, edit=edit, eos_id=None) == model.generate_ids(prompts, 10, eos_id=None)
-    # and alpha scales the residual delta linearly
-    e1, e3 = random_edit(model).with_alpha(1.0), random_edit(model).with_alpha(3.0)
-    W = model.layers[0].W_O.float()
-    o = torch.zeros(1, 1, 4, 8)
-    assert torch.allclose(3 * e1.delta(0, o, W), e3.delta(0, o, W), atol=1e-5)
-    assert e1.delta(1, o, W) is None  # layer 1 has no chosen head
+
+
+def test_residual_shift_is_alpha_sum_W_theta(tiny_dir):
+    """Through the model: layer 0's residual stream (before its MLP) moves by alpha * sum_h W_h theta_h at the
+    edited positions and nowhere else, W_h sliced by hand from o_proj's [M, H*D] weight (eq. 2.6)."""
+    model = Llama.from_pretrained(tiny_dir)
+    seen = []  # the residual stream entering layer 0's MLP: [B, T, M]
+    model.layers[0].mlp_norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    edit_mask = torch.zeros(2, 7, dtype=torch.bool)
+    edit_mask[0, 3:], edit_mask[1, -1] = True, True
+    model(ids)
+    plain = seen.pop()
+    Wo, D = model.layers[0].wo.weight, model.cfg.head_dim  # [M, H*D]
+    for alpha in (1.0, 3.0, -0.5):
+        edit = random_edit(model).with_alpha(alpha)
+        model(ids, edit=edit, edit_mask=edit_mask)
+        shift = sum(Wo[:, h * D:(h + 1) * D] @ edit.theta[0, h] for h in (1, 3))  # heads 0.1 and 0.3: [M]
+        expected = alpha * shift * edit_mask[..., None]  # [B, T, M]
+        assert torch.allclose(seen.pop() - plain, expected, atol=1e-5), alpha
+    assert edit.delta(1, torch.zeros(1, 1, 4, 8), model.layers[1].W_O) is None  # layer 1 has no chosen head
 
 
 def test_save_load_identical(tiny_dir, tmp_path):

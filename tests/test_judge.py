@@ -116,8 +116,8 @@ def test_train_save_load_and_mismatched_data(tiny, tmp_path, monkeypatch, capsys
     judges = judge.train_judges(("truth", "info"), data=data, backbone=str(path), model=model, tokenizer=tok)
     for kind, j in judges.items():
         v = j.meta["validation"]
-        for name in ("random_lines", "question_disjoint"):
-            assert 0 <= v[name]["accuracy"] <= 1 and 0 <= v[name]["balanced_accuracy"] <= 1
+        # both kinds learn the rule (the tiny data labels truth and info alike): held-out lines well above chance
+        assert v["random_lines"]["accuracy"] >= 0.75 and v["random_lines"]["balanced_accuracy"] >= 0.7
         assert v["random_lines"]["n"] == round(0.1 * len(lines))
         assert v["question_disjoint"]["questions"] == 4 and v["question_disjoint"]["n"] == 20
         assert j.meta["data_sha256"] == judge.data_sha256(kind, data) and j.meta["backbone"] == str(path)
@@ -158,7 +158,7 @@ def test_kinds_side_by_side_equal_one_at_a_time(tiny, tmp_path, monkeypatch):
     # one frozen pass for both runs (its fp32 sums differ in the last bits between 1 and 2 threads)
     passed = {}
     frozen = judge.frozen_pass
-    monkeypatch.setattr(judge, "frozen_pass", lambda *a, **kw: passed.setdefault("f", frozen(*a, **kw)))
+    monkeypatch.setattr(judge, "frozen_pass", lambda *a, **kw: passed["f"] if "f" in passed else passed.setdefault("f", frozen(*a, **kw)))
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

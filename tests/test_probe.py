@@ -43,16 +43,13 @@ def reference_fit(x, y, C=1.0):
 
 def test_fit_matches_independent_optimum():
     X, y = planted(N=300, shift=3.0)
-    w, b = probe.fit_probes(X, y)
-    for l, h in [(0, 0), (1, 2), (2, 0), (2, 3)]:
-        for C in (1.0,):
+    fits = {C: probe.fit_probes(X, y, C=C) for C in (1.0, 0.1)}  # C scales the data term; the fit follows it
+    for C, (wC, bC) in fits.items():
+        for l, h in [(0, 0), (1, 2), (2, 0), (2, 3)]:
             w_ref, b_ref = reference_fit(X[:, l, h], y, C)
-            assert torch.allclose(w[l, h].double(), w_ref, atol=2e-4), (l, h)
-            assert abs(float(b[l, h]) - float(b_ref)) < 2e-4
-    # C scales the data term; the fit follows it
-    w2, b2 = probe.fit_probes(X, y, C=0.1)
-    w_ref, b_ref = reference_fit(X[:, 1, 2], y, 0.1)
-    assert torch.allclose(w2[1, 2].double(), w_ref, atol=2e-4)
+            assert torch.allclose(wC[l, h].double(), w_ref, atol=2e-4), (C, l, h)
+            assert abs(float(bC[l, h]) - float(b_ref)) < 2e-4, (C, l, h)
+    w, b = fits[1.0]
     # head blocks of any size give the same fit
     w3, b3 = probe.fit_probes(X, y, chunk=5)
     assert torch.allclose(w3, w, atol=1e-5) and torch.allclose(b3, b, atol=1e-5)
@@ -95,7 +92,7 @@ def examples(n_questions=7):
         question = f"question {q}?" + "x" * q
         for j in range(1 + q % 4):
             for label in (0, 1):
-                out.append(tqa.ProbeExample(q, f"Q: {question}\nA: {'ab' * (j + label)}c{q}", label, ""))
+                out.append(tqa.ProbeExample(q, f"Q: {question}\nA: {'ab' * (j + label)}c{q}", label))
     return out
 
 
@@ -109,7 +106,7 @@ def test_collect_equals_plain_forward_and_caches(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "activations" / "tiny_test.safetensors").exists()
     again = probe.collect(None, tok, ex, cache_key="tiny/test")  # from the cache: the model is never used
     assert torch.equal(again, X)
-    ex[0] = tqa.ProbeExample(0, ex[0].text + "z", 0, "")  # other texts: recomputed, not stale
+    ex[0] = tqa.ProbeExample(0, ex[0].text + "z", 0)  # other texts: recomputed, not stale
     X2 = probe.collect(tiny, tok, ex, batch_size=4, cache_key="tiny/test")
     assert torch.allclose(X2[0], tiny(torch.tensor([tok.encode(ex[0].text)]), output="probe")[0], atol=1e-5)
 
@@ -128,13 +125,23 @@ def test_probe_heads_and_save(tiny, tmp_path, monkeypatch):
     pval = {res.qids[i] for i in res.val_idx.tolist()}
     assert not ptrain & pval and ptrain | pval == set(split.train) and len(ptrain) == 32
     assert len(res.train_idx) + len(res.val_idx) == len(res.qids)
-    assert len(list((tmp_path / "cache" / "activations").iterdir())) == 1
+    cached = list((tmp_path / "cache" / "activations").iterdir())
+    assert len(cached) == 1
+    # the cache key is the texts' digest, not the split seed: another seed reuses the file
+    res2 = probe.probe_heads(tiny, CharTok(), questions, split, model_name="tiny", version="v0", seed=2)
+    assert list((tmp_path / "cache" / "activations").iterdir()) == cached and torch.equal(res2.X, res.X)
+    assert {res2.qids[i] for i in res2.val_idx.tolist()} != pval
     mask = probe.parse_heads("probe2", L, H, res.acc)
     out = res.save(tmp_path / "run", mask)
     d = json.loads((out / "probe_acc.json").read_text())
     assert torch.allclose(torch.tensor(d["acc"]), res.acc, atol=1e-6)
-    assert d["chosen"] == probe.head_list(mask) == sorted(d["ranking"][:2], key=lambda s: tuple(map(int, s.split("."))))
-    assert d["split"] == split.to_dict() and sorted(d["probe_val_qids"]) == sorted(pval)
+    chosen = [f"{l}.{h}" for l in range(L) for h in range(H) if mask[l, h]]  # row-major, by hand
+    assert d["chosen"] == chosen and set(chosen) == set(d["ranking"][:2])
+    ranked = [float(res.acc[int(l), int(h)]) for l, h in (s.split(".") for s in d["ranking"])]
+    assert len(ranked) == L * H and ranked == sorted(ranked, reverse=True)
+    assert d["split"] == split.to_dict()
+    assert d["probe_val_qids"] == probe.probe_split(split.train, 1)[1] == [2, 6, 7, 9, 15, 18, 19, 20]
+    assert sorted(d["probe_train_qids"] + d["probe_val_qids"]) == split.train
     from safetensors.torch import load_file
     assert torch.equal(load_file(str(out / "probe_acc.safetensors"))["acc"], res.acc.float())
 
@@ -158,6 +165,9 @@ def test_parse_heads():
             probe.parse_heads(bad, L, H)
     with pytest.raises(ValueError, match="shape"):
         probe.parse_heads("probe4", L, H, torch.rand(3, 3))
+    # ranking ties: lower layer, then lower head first
+    tied = torch.tensor([[0.5, 0.7, 0.7], [0.7, 0.2, 0.5]])
+    assert probe.rank_heads(tied) == [(0, 1), (0, 2), (1, 0), (0, 0), (1, 2), (1, 1)]
 
 
 def test_heatmap_without_matplotlib(tmp_path, monkeypatch, capsys):

@@ -99,7 +99,9 @@ def stub_judges(monkeypatch):
 def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monkeypatch, capsys):
     monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
     data = tiny_data(tmp_path)
-    monkeypatch.setattr(run.Context, "judges", property(lambda self: _judges(self)))
+    import judge
+
+    monkeypatch.setattr(judge, "BACKBONE", str(tiny_model))  # Context.judges then shares the run's model
     argv = ["--heads", "random2", "--method", "both", "--model", str(tiny_model), "--data", str(data), "--max-pairs", "8",
             "--dtype", "fp32", "--out", str(tmp_path / "runs"), "--name", "t"]
     assert run.main(argv) == 0
@@ -141,15 +143,6 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monke
 
     # the same name with other settings is refused
     assert run.main(argv + ["--tau", "0.3"]) == 2
-
-
-def _judges(ctx):
-    import judge
-
-    if ctx._judges is None:
-        ctx._judges = tuple(judge.load_judge(k, data=ctx.cfg.data, model=ctx.model, tokenizer=ctx.tok)
-                            for k in ("truth", "info"))
-    return ctx._judges
 
 
 @pytest.mark.parametrize("name", list(run.EXPERIMENTS))
