@@ -13,6 +13,7 @@ K key/value heads (GQA: each key/value head serves H // K query heads), D head d
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
@@ -189,14 +190,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T, as F.linear, and bit-identical to it. For bf16 weights on CPU, where nothing needs a gradient,
-    through a copy of w prepacked once for oneDNN (kept on w, remade when w changes in place): a plain bf16 CPU
-    matmul re-packs its weight on every call: at 16 rows it is 1.3-1.5x slower per matmul, and greedy
-    generation 1.1x slower (bench.py). The copies take as much memory again as the bf16 weights (266 MB for
-    SmolLM2-135M); `llama.PREPACK = False` turns them off.
-    fp32 keeps the plain matmul: oneDNN's fp32 kernel sums in another order, and fp32 is the exact mode."""
-    if not PREPACK or w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.is_inference() or \
-            torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+    """x @ w.T through oneDNN with a copy of w prepacked once (kept on w, remade when w changes in place), on
+    CPU where nothing needs a gradient; otherwise F.linear.
+    bf16: always, and bit-identical to F.linear (whose bf16 CPU matmul re-packs its weight on every call: at
+      16 rows 1.3-1.5x slower per matmul, greedy generation 1.1x slower).
+    fp32: only while generating (`generate_ids`). Every other fp32 forward is the exact mode: F.linear, the
+      matmul transformers uses, logits within 1e-4 of it. oneDNN sums in another order (SmolLM2-135M logits
+      move by up to 2.1e-4) and is 2-5x faster than F.linear's MKL kernel on CPUs where MKL takes its slow path
+      (AMD: the 16-row matmuls of a decoding step take 18 ms against 55 ms, the LM head 4 ms against 22 ms).
+    The copies take as much memory again as the weights they copy (266 MB for SmolLM2-135M in bf16, 540 MB more
+    once it has generated in fp32); `llama.PREPACK = False` turns them off."""
+    if not PREPACK or w.device.type != "cpu" or w.is_inference() or torch.is_autocast_enabled("cpu") or \
+            (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or \
+            not (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and _GENERATING.get())):
         return F.linear(x, w)
     key = (w._version, w.data_ptr())
     packed = getattr(w, "_packed", None)
@@ -207,6 +213,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 PREPACK = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_GENERATING = contextvars.ContextVar("editloc_generating", default=False)  # set by generate_ids (fp32 kernel)
 
 
 class Layer(nn.Module):
@@ -414,35 +421,40 @@ class Llama(nn.Module):
                      edit: Edit | None = None, eos_id: int | None = None, pad_id: int = 0,
                      stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
         """Greedy decoding of one left-padded batch with a KV cache. Returns each row's new tokens (without
-        the EOS). `stop(row, new_ids)` is asked after each token and ends that row when True."""
-        B = len(prompts)
-        ids, mask = pad_left(prompts, pad_id, self.device)  # [B, T]
-        T = ids.shape[1]
-        cache = KVCache(self.cfg, B, T + max_new_tokens, self.dtype, self.device)
-        newest = edit is not None and edit.positions == "newest"
-        edit_mask = None
-        if newest:  # ITI acts at the last prompt position (column T-1 for every left-padded row)
-            edit_mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
-            edit_mask[:, -1] = True
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        x, m = ids, mask
-        for _ in range(max_new_tokens):
-            logits = self.forward(x, m, edit=edit, edit_mask=edit_mask, cache=cache, last_only=True)
-            nxt = logits[:, -1].float().argmax(-1)  # [B] (argmax is 4x faster in fp32 than in bf16)
-            for b, t in enumerate(nxt.tolist()):
-                if done[b]:
-                    continue
-                if t == eos_id:
-                    done[b] = True
-                    continue
-                out[b].append(t)
-                if stop is not None and stop(b, out[b]):
-                    done[b] = True
-            if all(done):
-                break
-            x, m, edit_mask = nxt[:, None], None, None  # each new token is the newest position
-        return out
+        the EOS). `stop(row, new_ids)` is asked after each token and ends that row when True. In fp32 its
+        matmuls take oneDNN's faster kernel, which sums in another order than a plain forward (see `linear`)."""
+        generating = _GENERATING.set(True)  # fp32 matmuls through the prepacked kernel too (see `linear`)
+        try:
+            B = len(prompts)
+            ids, mask = pad_left(prompts, pad_id, self.device)  # [B, T]
+            T = ids.shape[1]
+            cache = KVCache(self.cfg, B, T + max_new_tokens, self.dtype, self.device)
+            newest = edit is not None and edit.positions == "newest"
+            edit_mask = None
+            if newest:  # ITI acts at the last prompt position (column T-1 for every left-padded row)
+                edit_mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
+                edit_mask[:, -1] = True
+            out: list[list[int]] = [[] for _ in range(B)]
+            done = [False] * B
+            x, m = ids, mask
+            for _ in range(max_new_tokens):
+                logits = self.forward(x, m, edit=edit, edit_mask=edit_mask, cache=cache, last_only=True)
+                nxt = logits[:, -1].float().argmax(-1)  # [B] (argmax is 4x faster in fp32 than in bf16)
+                for b, t in enumerate(nxt.tolist()):
+                    if done[b]:
+                        continue
+                    if t == eos_id:
+                        done[b] = True
+                        continue
+                    out[b].append(t)
+                    if stop is not None and stop(b, out[b]):
+                        done[b] = True
+                if all(done):
+                    break
+                x, m, edit_mask = nxt[:, None], None, None  # each new token is the newest position
+            return out
+        finally:
+            _GENERATING.reset(generating)
 
     def generate(self, tokenizer, prompts: Sequence[str], max_new_tokens: int = 50, *, edit: Edit | None = None,
                  stop: Sequence[str] = ("\nQ:",), batch_size: int = 16, progress: bool = False) -> list[str]:

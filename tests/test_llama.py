@@ -250,6 +250,28 @@ def test_prepacked_bf16_linear_is_bit_identical(tiny, monkeypatch):
     assert torch.equal(got, want) and not torch.equal(got, packed[0])
 
 
+def test_fp32_generation_kernel_stays_in_generation(tiny, monkeypatch):
+    """fp32 generation runs its matmuls through oneDNN-prepacked copies (another summation order); every other
+    fp32 forward keeps F.linear: a forward after generating is bit-identical to one before, and the tokens
+    equal those generated with the plain kernel."""
+    import llama
+
+    if not llama.PREPACK:
+        pytest.skip("this torch has no oneDNN prepacking")
+    model, _ = tiny
+    ids = torch.randint(0, 64, (3, 9))
+    prompts = [[3, 4, 5], [7, 8], [9, 10, 11, 12]]
+    w = model.layers[0].wq.weight
+    with torch.inference_mode():
+        before = model(ids)
+        assert not hasattr(w, "_packed")  # a plain fp32 forward packs nothing
+        fast = model.generate_ids(prompts, 8)
+        assert hasattr(w, "_packed") and w._packed[1].dtype == torch.float32  # generation did
+        assert torch.equal(model(ids), before)
+        monkeypatch.setattr(llama, "PREPACK", False)
+        assert model.generate_ids(prompts, 8) == fast
+
+
 def test_left_padded_batch_equals_each_alone(tiny):
     model, _ = tiny
     seqs = [[3, 9, 27, 14, 5, 6], [7, 8], [40, 41, 42, 43]]
