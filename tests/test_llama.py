@@ -250,6 +250,24 @@ def test_prepacked_bf16_linear_is_bit_identical(tiny, monkeypatch):
     assert torch.equal(got, want) and not torch.equal(got, packed[0])
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_inference_forward_equals_autograd_forward(tiny, dtype):
+    """Without autograd (bf16: through prepacked weights) and with gradients (plain F.linear): the same bits, as
+    IPO needs (reference log-probabilities without, the policy's with), and a residual handed in is kept."""
+    _, path = tiny
+    model = Llama.from_pretrained(path, dtype=dtype)
+    ids = torch.randint(0, 64, (3, 7))
+    with torch.inference_mode():
+        want = model(ids)
+        r2 = model(ids, stop_at_layer=2)
+        kept = r2.clone()
+        top = model(ids, resid=r2, start_at_layer=2)
+    assert torch.equal(r2, kept) and torch.equal(top, want)
+    model.requires_grad_(True)
+    got = model(ids)
+    assert got.requires_grad and torch.equal(got.detach(), want)
+
+
 def test_fp32_generation_kernel_stays_in_generation(tiny, monkeypatch):
     """fp32 generation runs its matmuls through oneDNN-prepacked copies (another summation order); every other
     fp32 forward keeps F.linear: a forward after generating is bit-identical to one before, and the tokens
