@@ -43,7 +43,7 @@ def _status_mb(key: str) -> float:
 
 def bench_llama(model_name: str, repeat: int, with_reference: bool) -> dict:
     """Prefill (64 x 64 tokens, with logits) in bf16 and fp32, probing mode, greedy generation (16 prompts of
-    about 40 tokens, 50 new tokens), peak memory; transformers alongside when importable.
+    about 20 tokens, 50 new tokens), peak memory; transformers alongside when importable.
 
     Each side runs in its own worker process, as a user would run it: in one process the two would share the
     allocator's freed memory, and how often each pays page faults for fresh memory would depend on the other.
