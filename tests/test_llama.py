@@ -210,6 +210,23 @@ def test_cached_decoding_equals_full_forward(tiny):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_cached_decoding_in_bf16_is_as_exact_as_the_full_forward(tiny):
+    """In bf16 a decoding step's attention is the written-out one (scores scaled inside a bf16 baddbmm), the full
+    forward's is SDPA's. Both round differently, so neither is compared bit for bit: the cached steps must be
+    as close to the fp32 logits as the bf16 full forward is, for every config's head_dim (6: a scale 6^-0.5
+    that bf16 cannot hold exactly)."""
+    model, path = tiny
+    b16 = Llama.from_pretrained(path, dtype="bf16")
+    for _ in range(3):
+        ids = torch.randint(0, 64, (2, 10))
+        exact = model(ids)
+        full = (b16(ids).float() - exact).abs().max()
+        cache = KVCache(b16.cfg, 2, 10, b16.dtype, "cpu")
+        steps = [b16(ids[:, :4], cache=cache)] + [b16(ids[:, t:t + 1], cache=cache) for t in range(4, 10)]
+        cached = (torch.cat(steps, dim=1).float() - exact).abs().max()
+        assert cached <= 1.5 * full + 1e-3, (cached, full)
+
+
 def test_cached_decoding_with_prefill_chunks(tiny):
     """Prefill in two chunks (the second attends to the cached first, as probe.py's shared prefixes do), then
     decoding steps, with left padding: equal to the full forward at every real position."""
