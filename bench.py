@@ -131,8 +131,9 @@ def _llama_worker(conn, side: str, model_name: str, dt: str, threads: int) -> No
         else:
             import transformers
 
-            ref = transformers.AutoModelForCausalLM.from_pretrained(str(resolve_model(model_name)), dtype=as_dtype(dt),
-                                                                    attn_implementation="sdpa").eval()
+            ref = transformers.AutoModelForCausalLM.from_pretrained(str(resolve_model(model_name)),
+                                                                    dtype=as_dtype(dt), attn_implementation="sdpa")
+            ref.eval()
             pids, pmask = pad_left(prompts, tok.pad_id)
             cases = {"prefill_tok_s": lambda: ref(ids), "probe_tok_s": lambda: ref.model(ids),
                      "generate_new_tok_s": lambda: ref.generate(pids, attention_mask=pmask, max_new_tokens=50,

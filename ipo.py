@@ -474,7 +474,8 @@ def reference_logprobs(model: Llama, data: dict[str, PairData], average: bool, o
                 return load_file(str(path))
     ref = {k: pair_logprobs(model, d, None, average, progress=f"reference log-probs ({k})" if len(d) > 200 else None)
            for k, d in data.items()}
-    write_file_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in ref.items()}, tmp, metadata={"key": key}))
+    tensors = {k: v.contiguous() for k, v in ref.items()}
+    write_file_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
     return ref
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import (Llama, Progress, as_dtype, cache_dir, pad_right, rotate_half, shared_prefix_len,
+from llama import (Llama, Progress, apply_rope, as_dtype, cache_dir, pad_right, shared_prefix_len,
                    write_dir_atomic)
 
 KINDS = ("truth", "info")
@@ -264,8 +264,7 @@ class JudgeHead(nn.Module):
         q, k, v = (F.linear(x, w.weight) for w in (layer.wq, layer.wk, layer.wv))  # [B, 1, H*D], [B, 1, Kh*D] x2
         q = q.view(B, 1, H, D).transpose(1, 2)  # [B, H, 1, D]
         k = k.view(B, 1, Kh, D).transpose(1, 2)  # [B, Kh, 1, D]
-        q = q * cos + rotate_half(q) * sin  # rotary embedding at the last position
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # at the last position
         K = torch.cat([kv[:, :, 0].transpose(1, 2).to(k.dtype), k], dim=2)  # [B, Kh, S+1, D]
         V = torch.cat([kv[:, :, 1].transpose(1, 2).to(v.dtype), v.view(B, 1, Kh, D).transpose(1, 2)], dim=2)
         q = q.reshape(B, Kh, H // Kh, D)  # query heads grouped by the key/value head they share (GQA)
@@ -402,7 +401,8 @@ def _splits(questions: list[str], frac: float, seed: int) -> tuple[list[int], li
 
 
 def train_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = BACKBONE, out: dict | None = None,
-                 seed: int = 0, model: Llama | None = None, tokenizer=None, threads: int | None = None) -> dict[str, Judge]:
+                 seed: int = 0, model: Llama | None = None, tokenizer=None,
+                 threads: int | None = None) -> dict[str, Judge]:
     """Train judges of several kinds on one shared frozen pass (the lines' answer tokens are computed once).
 
     For each kind: (1) fit on 90% of the unique lines, report accuracy on the random 10% held out;
@@ -461,7 +461,8 @@ def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -
             hs = set(held)
             train = [rows[i] for i in range(len(rows)) if i not in hs]
             test = [rows[i] for i in held]
-            head = fit_head(model, f, labels, train, yes_id, no_id, recipe, seed, f"judge {kind}: fit ({name} hold-out)")
+            head = fit_head(model, f, labels, train, yes_id, no_id, recipe, seed,
+                            f"judge {kind}: fit ({name} hold-out)")
             validation[name] = accuracy(head_logits(head, f, test), labels[test])
             validation[name]["questions"] = len({d.questions[i] for i in held})
             v = validation[name]
@@ -558,7 +559,8 @@ def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = 
         try:
             head.load_state_dict(load_file(str(paths[kind] / "head.safetensors")))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{paths[kind] / 'head.safetensors'}: does not fit the backbone {backbone} ({e})") from None
+            raise ValueError(f"{paths[kind] / 'head.safetensors'}: does not fit the backbone {backbone} "
+                             f"({e})") from None
         judges[kind] = Judge(kind, head, model, tokenizer, meta)
     return {kind: judges[kind] for kind in kinds}
 

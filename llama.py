@@ -189,6 +189,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of queries or keys x: [B, N, T, D] at the positions of cos, sin: [B, 1, T, D]."""
+    return x * cos + rotate_half(x) * sin
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T through oneDNN with a copy of w prepacked once (kept on w, remade when w changes in place), on
     CPU where nothing needs a gradient; otherwise F.linear.
@@ -196,9 +201,10 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
       16 rows 1.3-1.5x slower per matmul, greedy generation 1.1x slower).
     fp32: only while generating (`generate_ids`). Every other fp32 forward is the exact mode: F.linear, the
       matmul transformers uses, logits within 1e-4 of it. oneDNN sums in another order (SmolLM2-135M logits
-      move by up to 2.1e-4) and is 2-5x faster than F.linear's MKL kernel on CPUs where MKL takes its slow path
-      (AMD: the 16-row matmuls of a decoding step take 18 ms against 55 ms, the LM head 4 ms against 22 ms).
-    The copies take as much memory again as the weights they copy (266 MB for SmolLM2-135M in bf16, 540 MB more
+      move by up to 2.1e-4) and is 1.8-5.4x faster per matmul than F.linear's MKL kernel on CPUs where MKL takes
+      its slow path (AMD: the 16-row matmuls of a decoding step take 18 ms against 55 ms, the LM head 4 ms
+      against 22 ms).
+    The copies take as much memory again as the weights they copy (277 MB for SmolLM2-135M in bf16, 533 MB more
     once it has generated in fp32); `llama.PREPACK = False` turns them off."""
     if not PREPACK or w.device.type != "cpu" or w.is_inference() or torch.is_autocast_enabled("cpu") or \
             (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or \
@@ -248,8 +254,7 @@ class Layer(nn.Module):
         q = linear(x, self.wq.weight).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
         k = linear(x, self.wk.weight).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         v = linear(x, self.wv.weight).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
-        q = q * cos + rotate_half(q) * sin  # rotary embedding; cos, sin: [B, 1, T, D]
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin: [B, 1, T, D]
         if cache is not None:
             fresh = cache.len == 0
             k_t, v_all = cache.update(l, k, v)  # K^T: [B, K, D, S], [B, K, S, D]
@@ -547,8 +552,8 @@ class Llama(nn.Module):
         for l, layer in enumerate(self.layers):
             p = f"model.layers.{l}."
             t.update({p + "input_layernorm.weight": layer.attn_norm.weight,
-                      p + "self_attn.q_proj.weight": layer.wq.weight,
-                      p + "self_attn.k_proj.weight": layer.wk.weight, p + "self_attn.v_proj.weight": layer.wv.weight, p + "self_attn.o_proj.weight": layer.wo.weight,
+                      p + "self_attn.q_proj.weight": layer.wq.weight, p + "self_attn.k_proj.weight": layer.wk.weight,
+                      p + "self_attn.v_proj.weight": layer.wv.weight, p + "self_attn.o_proj.weight": layer.wo.weight,
                       p + "post_attention_layernorm.weight": layer.mlp_norm.weight,
                       p + "mlp.gate_proj.weight": layer.w_gate.weight, p + "mlp.up_proj.weight": layer.w_up.weight,
                       p + "mlp.down_proj.weight": layer.w_down.weight})

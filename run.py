@@ -294,8 +294,8 @@ def evaluate(ctx: Context, edit, label: str) -> dict:
             "generations": gens, "n_test": len(qs), "kl_texts": len(kl["per_text"]["kl"]), "seconds": dt}
 
 
-# part of the base evaluation's cache key; bumped when the numbers an unchanged model gives change
-# (2: fp32 generation through oneDNN's kernel, llama.linear)
+# part of the base evaluation's cache key (with each judge's data and training time); bumped when the numbers
+# an unchanged model gives change (2: fp32 generation through oneDNN's kernel, llama.linear)
 BASE_EVAL_VERSION = 2
 
 
@@ -306,7 +306,7 @@ def base_eval(ctx: Context) -> dict:
     tj, ij = ctx.judges
     key = hashlib.sha256(json.dumps([BASE_EVAL_VERSION, ctx.model.source, ctx.cfg.dtype, ctx.cfg.version,
                                      ctx.cfg.seed, [q.qid for q in ctx.test], ctx.prompts.layout_id,
-                                     [(j.meta.get("data_sha256"), j.meta.get("created")) for j in (tj, ij)],  # each training
+                                     [(j.meta.get("data_sha256"), j.meta.get("created")) for j in (tj, ij)],
                                      hashlib.sha256("\n".join(ctx.kl_texts()).encode()).hexdigest()],
                                     default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "evals" / f"base-{key}.json"
