@@ -55,9 +55,14 @@ class Rank1Edit(Edit):
     Rows of inactive layers are zero and never receive a gradient, so they stay zero (AdamW runs without
     weight decay). Initialisation as in LoRA/peft: a Kaiming-uniform (peft's lora_A: U(-1/sqrt(H*D),
     1/sqrt(H*D))), b = 0, so a fresh edit is the identity and gradients reach b first.
+
+    `scale` is peft's LoRA scaling lora_alpha / r: the delta is scale * <a^l, o^l> (W^l) b^l. The edits it
+    can express are the same for any scale; under Adam it acts like a larger step for b (default 1: the
+    paper's equations as written).
     """
 
-    def __init__(self, kind: str, mask: torch.Tensor, d_model: int, head_dim: int, seed: int = 0):
+    def __init__(self, kind: str, mask: torch.Tensor, d_model: int, head_dim: int, seed: int = 0,
+                 scale: float = 1.0):
         if kind not in ("lora", "reparam"):
             raise ValueError(f"edit kind {kind!r}: expected 'lora' or 'reparam'")
         mask = torch.as_tensor(mask, dtype=torch.bool).cpu()
@@ -65,8 +70,10 @@ class Rank1Edit(Edit):
             raise ValueError(f"head mask of shape {tuple(mask.shape)}: expected [n_layers, n_heads]")
         if not mask.any():
             raise ValueError("head mask selects no heads: an edit needs at least one head")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"LoRA scale {scale}: expected a finite number > 0")
         L, H = mask.shape
-        self.kind, self.mask, self.d_model, self.head_dim = kind, mask, d_model, head_dim
+        self.kind, self.mask, self.d_model, self.head_dim, self.scale = kind, mask, d_model, head_dim, float(scale)
         self.layers = [l for l in range(L) if mask[l].any()]
         self._active = set(self.layers)
         HD = H * head_dim
@@ -81,18 +88,19 @@ class Rank1Edit(Edit):
         self.b_mask = None if kind == "lora" else mask[:, :, None].expand(L, H, head_dim).reshape(L, HD).float()
 
     @classmethod
-    def full(cls, cfg, seed: int = 0) -> "Rank1Edit":
+    def full(cls, cfg, seed: int = 0, scale: float = 1.0) -> "Rank1Edit":
         """Plain rank-1 LoRA on every layer's o_proj (eq. 4.1): the full-model reference."""
-        return cls("lora", torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool), cfg.d_model, cfg.head_dim, seed)
+        return cls("lora", torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool), cfg.d_model, cfg.head_dim, seed,
+                   scale)
 
     @classmethod
-    def at_heads(cls, cfg, mask: torch.Tensor, seed: int = 0) -> "Rank1Edit":
+    def at_heads(cls, cfg, mask: torch.Tensor, seed: int = 0, scale: float = 1.0) -> "Rank1Edit":
         """Reparameterised rank-1 LoRA restricted to the heads in mask: [L, H] bool (eq. 4.2-4.3)."""
         mask = torch.as_tensor(mask, dtype=torch.bool)
         if tuple(mask.shape) != (cfg.n_layers, cfg.n_heads):
             raise ValueError(f"head mask of shape {tuple(mask.shape)}: expected [n_layers, n_heads] = "
                              f"[{cfg.n_layers}, {cfg.n_heads}]")
-        return cls("reparam", mask, cfg.d_model, cfg.head_dim, seed)
+        return cls("reparam", mask, cfg.d_model, cfg.head_dim, seed, scale)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.a, self.b]
@@ -117,8 +125,8 @@ class Rank1Edit(Edit):
     def delta(self, l: int, o: torch.Tensor, W: torch.Tensor) -> torch.Tensor | None:
         if l not in self._active:
             return None
-        a = self.a[l].to(o.dtype)  # [H*D]
-        s = o.flatten(2) @ a  # <a^l, o^l>: [B, T]
+        a = (self.scale * self.a[l]).to(o.dtype)  # scale * a^l: [H*D]
+        s = o.flatten(2) @ a  # scale * <a^l, o^l>: [B, T]
         if self.kind == "lora":
             v = self.b[l].to(o.dtype)  # b^l: [M]                                          (eq. 4.1)
         else:
@@ -128,27 +136,27 @@ class Rank1Edit(Edit):
 
     def head_vectors(self, l: int, W: torch.Tensor) -> torch.Tensor | None:
         """W_h b_h^l for each head h: [H, M] fp32 (eq. 4.3, zero outside the chosen heads), with coefficient
-        <a^l, o^l>; None for the plain LoRA, whose b lives in model space."""
+        scale * <a^l, o^l> (`coefficient`); None for the plain LoRA, whose b lives in model space."""
         if self.kind == "lora":
             return None
         b = self.b_eff()[l].detach().float().to(W.device).view(W.shape[1], W.shape[2])  # b_h^l: [H, D]
         return torch.einsum("mhd,hd->hm", W.float(), b)
 
     def coefficient(self, l: int, o: torch.Tensor) -> torch.Tensor:
-        return o.flatten(2).float() @ self.a[l].detach().float().to(o.device)  # <a^l, o^l>: [B, T]
+        return o.flatten(2).float() @ (self.scale * self.a[l].detach().float().to(o.device))  # [B, T]
 
     # -- merging and saving ----------------------------------------------------------------------------------
     @torch.no_grad()
     def merge_into(self, model: Llama, inplace: bool = False) -> Llama:
         """The model with the edit folded into its o_proj weights (a copy unless inplace):
-        W' = W + b a^T (eq. 4.1) or W' = W + (W b) a^T (eq. 4.3), computed in fp32."""
+        W' = W + scale b a^T (eq. 4.1) or W' = W + scale (W b) a^T (eq. 4.3), computed in fp32."""
         target = model if inplace else copy.deepcopy(model)
         b = self.b_eff().detach()
         for l in self.layers:
             W = target.layers[l].wo.weight  # [M, H*D]
             W32 = W.float()
             v = b[l] if self.kind == "lora" else W32 @ b[l]  # [M]
-            W.copy_((W32 + torch.outer(v, self.a[l].detach())).to(W.dtype))  # [M, H*D]
+            W.copy_((W32 + torch.outer(v, self.scale * self.a[l].detach())).to(W.dtype))  # [M, H*D]
         return target
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -166,6 +174,7 @@ class Rank1Edit(Edit):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": "editloc.Rank1Edit", "kind": self.kind, "heads": json.dumps(self.heads),
+                "scale": json.dumps(self.scale),
                 "config": json.dumps({"d_model": self.d_model, "head_dim": self.head_dim,
                                       "n_layers": self.mask.shape[0], "n_heads": self.mask.shape[1]})}
         for k, v in (extra_meta or {}).items():
@@ -187,9 +196,9 @@ class Rank1Edit(Edit):
                 raise ValueError(f"{path}: not a Rank1Edit file (metadata format {meta.get('format')!r})")
             t = {k: f.get_tensor(k) for k in ("a", "b", "mask")}
         c = json.loads(meta["config"])
-        edit = cls(meta["kind"], t["mask"], c["d_model"], c["head_dim"])
+        edit = cls(meta["kind"], t["mask"], c["d_model"], c["head_dim"], scale=json.loads(meta.get("scale", "1.0")))
         edit.load_state(t)
-        edit.meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "kind")}
+        edit.meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "kind", "scale")}
         return edit
 
 
@@ -441,12 +450,35 @@ def default_lr(mask: torch.Tensor | None) -> float:
     return 2e-3 if n == 1 else 5e-4 if n <= 16 else 1e-4
 
 
-def lr_at(step: int, total: int, lr: float, warmup: float = 0.1) -> float:
-    """Linear warm-up over the first `warmup` fraction of steps, then cosine decay to 0; step counts from 0."""
-    w = max(1, round(warmup * total))
-    if step < w:
-        return lr * (step + 1) / w
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+LR_FACTORS = (1.0, 4.0, 16.0)  # the learning-rate grid: these multiples of the paper's rate for the head count
+
+
+def lr_grid(mask: torch.Tensor | None, factors=LR_FACTORS) -> list[float]:
+    """The learning rates every edit at this head count is trained with; the lowest validation loss wins."""
+    return [default_lr(mask) * f for f in factors]
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over the first `warmup` steps, then constant (step counts from 0). A decaying schedule
+    would level the loss off by itself; here only the stopping rule ends training."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When an edit counts as converged: the validation IPO loss, measured every `every` steps on the fixed
+    validation pairs, has not fallen below (1 - min_delta) times its best for `patience` evaluations in a row.
+    The best checkpoint by validation loss is the edit kept. A run that reaches its step budget first is
+    recorded as not converged."""
+    every: int = 25
+    patience: int = 4
+    min_delta: float = 0.002
+
+    def __post_init__(self):
+        if self.every < 1 or self.patience < 1:
+            raise ValueError(f"stopping rule every={self.every}, patience={self.patience}: expected both >= 1")
+        if not 0 <= self.min_delta < 1:
+            raise ValueError(f"stopping rule min_delta={self.min_delta}: expected 0 <= min_delta < 1")
 
 
 def _fingerprint(*parts) -> str:
@@ -482,19 +514,24 @@ def reference_logprobs(model: Llama, data: dict[str, PairData], average: bool, o
 def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: torch.Tensor | None, *,
               tau: float = 0.1, lr: float | None = None, epochs: int = 2, batch_size: int = 4, seed: int = 0,
               out_dir: str | os.PathLike, average: bool = True, max_steps: int | None = None,
-              ckpt_every: int = 50, clip: float = 1.0, warmup: float = 0.1,
+              stop: StopRule = StopRule(), scale: float = 1.0, ckpt_every: int = 50, clip: float = 1.0,
+              warmup: int = 20, ref_dir: str | os.PathLike | None = None,
               log: Callable[[str], None] = print) -> tuple[Rank1Edit, dict]:
     """Train the optimal rank-1 edit at the heads in mask ([L, H] bool; None: plain LoRA on the full model)
-    by IPO on preference pairs. Returns (edit, metrics); the edit is also saved to out_dir/edit.safetensors.
+    by IPO on preference pairs, until the validation loss levels off (`StopRule`) or the budget of `epochs`
+    passes over the training pairs is spent. Returns (edit, metrics): the edit is the best checkpoint by
+    validation loss, also saved to out_dir/edit.safetensors; metrics hold the validation curve, the steps
+    taken, `best_step` and `converged`.
 
     pairs: objects with .question, .chosen, .rejected; prompt x = prompts.generation(question) (as at
-    evaluation; a callable question -> prompt works too). lr None: `default_lr` by head count. AdamW (fp32
-    state, no weight decay), linear warm-up over `warmup` of the steps then cosine decay, gradient-norm
-    clipping at `clip`. Deterministic on CPU for a given seed. A checkpoint out_dir/ckpt.pt is written every
-    `ckpt_every` steps and at each epoch end; calling again with the same arguments resumes from it.
-    max_steps stops after that many steps in total (the schedule stays that of the full run, so a later call
-    resumes it exactly). A non-finite loss or gradient stops with a ValueError, leaving the last state with a
-    finite loss in ckpt.pt.
+    evaluation; a callable question -> prompt works too). pairs_val: the fixed validation pairs the stopping
+    rule reads (a subsample is fine). lr None: `default_lr` by head count. AdamW (fp32 state, no weight
+    decay), linear warm-up over `warmup` steps then a constant rate, gradient-norm clipping at `clip`.
+    Deterministic on CPU for a given seed. A checkpoint out_dir/ckpt.pt is written every `ckpt_every` steps
+    and at each validation; calling again with the same arguments resumes from it. max_steps pauses after
+    that many steps in total (nothing is saved as final; a later call resumes). Reference log-probs are
+    cached in ref_dir (default out_dir). A non-finite loss or gradient stops with a ValueError, leaving the
+    last state with a finite loss in ckpt.pt.
     """
     if not tau > 0:
         raise ValueError(f"tau={tau}: the IPO regularisation tau must be > 0")
@@ -505,8 +542,10 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
         raise ValueError(f"batch_size={batch_size}, epochs={epochs}: expected both >= 1")
     if len(pairs_train) == 0:
         raise ValueError("train_ipo: no training pairs")
+    if len(pairs_val) == 0:
+        raise ValueError("train_ipo: no validation pairs (the stopping rule reads them)")
     cfg = model.cfg
-    edit = Rank1Edit.full(cfg, seed) if mask is None else Rank1Edit.at_heads(cfg, mask, seed)
+    edit = Rank1Edit.full(cfg, seed, scale) if mask is None else Rank1Edit.at_heads(cfg, mask, seed, scale)
     edit.to(model.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -515,16 +554,20 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
     both = encode_pairs(tokenizer, list(pairs_train) + list(pairs_val), prompts)
     n_tr = len(pairs_train)
     train, val = both.subset(range(n_tr)), both.subset(range(n_tr, len(both)))
-    ref = reference_logprobs(model, {"train": train, "val": val}, average, out)
-    run = {"kind": edit.kind, "heads": edit.heads, "tau": tau, "lr": lr, "epochs": epochs,
+    ref = reference_logprobs(model, {"train": train, "val": val}, average, Path(ref_dir or out))
+    run = {"kind": edit.kind, "heads": edit.heads, "tau": tau, "lr": lr, "epochs": epochs, "scale": scale,
            "batch_size": batch_size, "seed": seed, "average": average, "clip": clip, "warmup": warmup,
+           "stop": [stop.every, stop.patience, stop.min_delta],
            "data": _fingerprint(both.prefix, both.prompts, both.chosen, both.rejected, n_tr)}
 
     opt = torch.optim.AdamW(edit.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     per_epoch = math.ceil(len(train) / batch_size)
-    total = epochs * per_epoch
-    stop_at = total if max_steps is None else min(total, max_steps)
-    step, history, sums = 0, [], [0.0, 0.0, 0.0, 0]  # sums: loss, margin, accuracy, steps this epoch
+    budget = epochs * per_epoch
+    stop_at = budget if max_steps is None else min(budget, max_steps)
+    # the zero edit is the identity (h = 0 exactly): its validation loss is (1/(2 tau))^2
+    curve = [{"step": 0, "val_loss": 1 / (4 * tau * tau), "val_margin": 0.0, "val_acc": 0.0}]
+    step, sums, bad, reason = 0, [0.0, 0.0, 0.0, 0], 0, None  # sums: loss, margin, accuracy, steps since validation
+    best = {"loss": curve[0]["val_loss"], "step": 0, "edit": edit.state()}
     ckpt = out / "ckpt.pt"
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=True)
@@ -534,30 +577,26 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
                              "use another out_dir or delete it")
         edit.load_state(st["edit"])
         opt.load_state_dict(st["opt"])
-        step, history, sums = st["step"], st["history"], st["sums"]
-        log(f"ipo: resuming from {ckpt} at step {step}/{total}")
+        step, curve, sums, bad, reason, best = st["step"], st["curve"], st["sums"], st["bad"], st["reason"], st["best"]
+        log(f"ipo: resuming from {ckpt} at step {step} (budget {budget})")
 
     def snapshot() -> dict:
-        return {"run": run, "step": step, "history": copy.deepcopy(history), "sums": list(sums),
-                "edit": edit.state(), "opt": copy.deepcopy(opt.state_dict())}
+        return {"run": run, "step": step, "curve": copy.deepcopy(curve), "sums": list(sums), "bad": bad,
+                "reason": reason, "best": copy.deepcopy(best), "edit": edit.state(),
+                "opt": copy.deepcopy(opt.state_dict())}
 
     def save_ckpt(state: dict) -> None:
         write_file_atomic(ckpt, lambda tmp: torch.save(state, tmp))
 
-    def summary(epoch: int) -> dict:
-        n = max(sums[3], 1)
-        rec = {"epoch": epoch, "step": step, "train_loss": sums[0] / n, "train_margin": sums[1] / n,
-               "train_acc": sums[2] / n}
-        if len(val):
-            rec.update({f"val_{k}": v for k, v in evaluate_pairs(model, val, ref["val"], edit, tau, average).items()})
-        log(f"ipo: epoch {epoch}/{epochs} step {step}/{total} " +
-            " ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("epoch", "step")))
-        return rec
+    def status() -> str:
+        v = curve[-1]
+        return (f"val loss {v['val_loss']:.4f} margin {v['val_margin']:+.3f} acc {v['val_acc']:.2f} "
+                f"(best {best['loss']:.4f} at step {best['step']}, {bad}/{stop.patience} without gain)")
 
-    meter = Progress(stop_at - step, "ipo", unit="steps") if stop_at > step else None
+    meter = Progress(stop_at - step, f"ipo lr {lr:g}", unit="steps") if stop_at > step and reason is None else None
     good = None  # the last state whose loss was finite
     t0 = time.time()
-    while step < stop_at:
+    while step < stop_at and reason is None:
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         idx = order[k * batch_size:(k + 1) * batch_size].tolist()
@@ -578,30 +617,71 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
             raise ValueError(f"ipo: non-finite loss or gradient at step {step + 1} with lr={lr:g} (too high?); "
                              f"the last good state ({'step %d' % good['step'] if good else 'none'}) is in {ckpt}")
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, lr, warmup)
+            g["lr"] = lr_at(step, lr, warmup)
         opt.step()
         step += 1
-
         sums = [sums[0] + loss.item(), sums[1] + h.mean().item(), sums[2] + (h > 0).float().mean().item(),
                 sums[3] + 1]
-        meter.update(1, f"loss {sums[0] / sums[3]:.4f} margin {sums[1] / sums[3]:+.3f} "
-                        f"acc {sums[2] / sums[3]:.2f} lr {lr_at(step - 1, total, lr, warmup):.1e}")
-        if step % per_epoch == 0:  # end of an epoch: validate, reset the running means, checkpoint
-            history.append(summary(epoch + 1))
+        if step % stop.every == 0 or step == budget:  # validate; apply the stopping rule
+            n = sums[3]
+            rec = {"step": step, "train_loss": sums[0] / n, "train_margin": sums[1] / n, "train_acc": sums[2] / n,
+                   **{f"val_{k}": v for k, v in evaluate_pairs(model, val, ref["val"], edit, tau, average).items()}}
+            curve.append(rec)
             sums = [0.0, 0.0, 0.0, 0]
+            if rec["val_loss"] < best["loss"] * (1 - stop.min_delta):
+                best, bad = {"loss": rec["val_loss"], "step": step, "edit": edit.state()}, 0
+            else:
+                bad += 1
+            reason = "converged" if bad >= stop.patience else "budget" if step == budget else None
             save_ckpt(snapshot())
         elif step % ckpt_every == 0 or step == stop_at:
             save_ckpt(snapshot())
+        meter.update(1, f"loss {loss.item():.3f} | {status()}")
     if meter:
         meter.close()
+    if reason is None:  # paused by max_steps: the current state, nothing final written
+        return edit, {"steps": step, "budget": budget, "done": False, "converged": False, "curve": curve}
 
-    last = history[-1] if history and history[-1]["step"] == step else summary(step / per_epoch)
-    metrics = {"steps": step, "total_steps": total, "done": step == total, "tau": tau, "lr": lr,
-               "epochs": epochs, "batch_size": batch_size, "seed": seed, "average": average,
-               "n_train": len(train), "n_val": len(val), "seconds": time.time() - t0, "history": history,
-               **{k: v for k, v in last.items() if k.startswith(("train_", "val_"))}}
+    edit.load_state(best["edit"])  # the best checkpoint by validation loss
+    at_best = next(r for r in curve if r["step"] == best["step"])
+    metrics = {"steps": step, "budget": budget, "best_step": best["step"], "converged": reason == "converged",
+               "stop": reason, "rule": {"every": stop.every, "patience": stop.patience, "min_delta": stop.min_delta},
+               "done": True, "tau": tau, "lr": lr, "scale": scale, "epochs": epochs, "batch_size": batch_size,
+               "seed": seed, "average": average, "n_train": len(train), "n_val": len(val),
+               "seconds": time.time() - t0, "curve": curve,
+               **{k: v for k, v in at_best.items() if k.startswith(("train_", "val_"))}}
+    log(f"ipo lr {lr:g}: {'converged' if metrics['converged'] else 'NOT CONVERGED (step budget spent)'} after "
+        f"{step} steps; best validation loss {best['loss']:.4f} at step {best['step']} "
+        f"(margin {at_best['val_margin']:+.3f}, preference accuracy {at_best['val_acc']:.3f})")
     edit.save(out / "edit.safetensors", {"metrics": metrics, "run": run})
     return edit, metrics
+
+
+def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: torch.Tensor | None, *,
+               lrs: Sequence[float], out_dir: str | os.PathLike, log: Callable[[str], None] = print,
+               **kw) -> tuple[Rank1Edit, dict]:
+    """The same selection for every edit: train one edit per learning rate in `lrs` (each to convergence by
+    the same `StopRule`, in out_dir/lr<lr>/, sharing one reference pass) and keep the one with the lowest
+    validation IPO loss. Returns (edit, metrics of the chosen run + "selection"); the chosen edit is also
+    saved to out_dir/edit.safetensors. kw: the rest of `train_ipo`'s arguments."""
+    lrs = list(lrs)
+    if not lrs:
+        raise ValueError("select_ipo: an empty learning-rate grid")
+    out = Path(out_dir)
+    tried = []
+    for lr in lrs:
+        edit, m = train_ipo(model, tokenizer, pairs_train, pairs_val, prompts, mask, lr=lr, out_dir=out / f"lr{lr:g}",
+                            ref_dir=out, log=log, **kw)
+        tried.append((m["val_loss"], lr, edit, m))
+    _, lr, edit, m = min(tried, key=lambda t: t[0])
+    m = {**m, "selection": {"by": "lowest validation IPO loss", "chosen_lr": lr,
+                            "grid": [{"lr": t[1], "val_loss": t[0], "best_step": t[3]["best_step"],
+                                      "steps": t[3]["steps"], "converged": t[3]["converged"]} for t in tried]}}
+    if len(lrs) > 1:
+        log("ipo: learning rate " + ", ".join(f"{t[1]:g} -> {t[0]:.4f}{'' if t[3]['converged'] else ' (not converged)'}"
+                                             for t in tried) + f"; chosen {lr:g}")
+    edit.save(out / "edit.safetensors", {"metrics": m})
+    return edit, m
 
 
 # ----------------------------------------------------------------------------------------------------------

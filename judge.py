@@ -57,7 +57,7 @@ BACKBONE = "smollm2-135m"
 # label smoothing 0.1 among them) gave 0.870-0.881, and averaging the probabilities of any 2-4 of them
 # 0.880-0.888, at 2-4 times the training time. The zero-shot backbone is at chance.
 RECIPE = {"k": 18, "top": 30, "epochs": 3, "lr": 1e-3, "lr_readout": 1e-3, "batch": 32, "weight_decay": 0.01,
-          "holdout": 0.1, "backbone_dtype": "bf16"}
+          "holdout": 0.1, "backbone_dtype": "auto"}  # auto: llama.fast_dtype(), recorded in the metadata
 
 
 def _log(msg: str) -> None:
@@ -286,9 +286,14 @@ def _batch(feats: Features, idx: list[int]):
     return feats.x[idx], kv, mask, feats.pos[idx]
 
 
+def _autocast(feats: Features):
+    """The head runs in bf16 autocast on bf16 features (the backbone's dtype), in plain fp32 on fp32 ones."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=feats.x.dtype == torch.bfloat16)
+
+
 def head_logits(head: JudgeHead, feats: Features, idx: list[int], batch_size: int = 64) -> torch.Tensor:
     out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), _autocast(feats):
         for s in range(0, len(idx), batch_size):
             out.append(head(*_batch(feats, idx[s:s + batch_size])).float())
     return torch.cat(out) if out else torch.zeros(0)
@@ -314,7 +319,7 @@ def fit_head(model: Llama, feats: Features, labels: torch.Tensor, train_idx: lis
         rng.shuffle(order)
         for s in range(0, len(order), bs):
             idx = order[s:s + bs]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with _autocast(feats):
                 z = head(*_batch(feats, idx)).float()  # [B]
             loss = F.binary_cross_entropy_with_logits(z, labels[idx].float())
             opt.zero_grad(set_to_none=True)
@@ -471,7 +476,7 @@ def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -
         head = fit_head(model, f, labels, rows, yes_id, no_id, recipe, seed, f"judge {kind}: final fit (all lines)")
         meta = {"kind": kind, "backbone": str(backbone), "version": version, "data_file": f"finetune_{kind}.jsonl",
                 "data_sha256": shas[kind], "layout": layouts[kind], "yes_id": yes_id, "no_id": no_id,
-                "recipe": recipe, "seed": seed, "data": d.stats, "validation": validation,
+                "recipe": recipe, "backbone_dtype": str(model.dtype).replace("torch.", ""), "seed": seed, "data": d.stats, "validation": validation,
                 "train_seconds": round(time.time() - t0, 1), "frozen_pass_seconds": round(t_pass, 1),
                 "threads": torch.get_num_threads(), "kinds_side_by_side": len(kinds) if side_by_side else 1,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -520,6 +525,9 @@ def check_judge(path: Path, kind: str, sha: str, backbone: str) -> str | None:
         return f"{path}: a {meta.get('kind')} judge on {meta.get('backbone')}, not {kind} on {backbone}"
     if meta.get("recipe") != RECIPE:
         return f"{path}: trained with recipe {meta.get('recipe')}, the code now uses {RECIPE}"
+    here = str(as_dtype(RECIPE["backbone_dtype"])).replace("torch.", "")
+    if meta.get("backbone_dtype") != here:
+        return f"{path}: trained on {meta.get('backbone_dtype')} features, this machine's backbone runs in {here}"
     return None
 
 
@@ -530,7 +538,7 @@ def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = 
     or do not match (or all, with `force`) are first trained together, sharing one frozen pass (with a
     message saying why).
     `model`/`tokenizer`: an already loaded backbone to share (the unedited backbone; it is used only when it
-    has the recipe's dtype, bf16, as the heads were trained on bf16 features)."""
+    has the recipe's dtype, as the heads were trained on features in that dtype)."""
     from safetensors.torch import load_file
 
     bad = [k for k in kinds if k not in KINDS]

@@ -79,7 +79,7 @@ class RunConfig:
     alpha: float = 5.0  # ITI strength (ITI used 15 on 7B models; 15 breaks SmolLM2-135M, 5 does not)
     n_test: int | None = None  # None: every test question
     kl_text: str | None = None
-    dtype: str = "bf16"
+    dtype: str = "auto"  # resolved to "bf16" or "fp32" before the run starts (llama.fast_dtype)
     device: str = "cpu"
 
     @property
@@ -98,6 +98,8 @@ class RunConfig:
         return asdict(self)
 
 
+DTYPE_HELP = ("model dtype; auto (default): bf16 on a GPU, and on a CPU whichever of bf16 and fp32 runs its "
+              "matmuls faster, measured once per machine; the run records the dtype used")
 PAPER = dict(epochs=2, max_pairs=None, n_test=None)  # the paper's settings (tau, lr by head count, batch 4)
 
 
@@ -120,7 +122,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha, help="ITI strength alpha")
     p.add_argument("--n-test", type=_pos_int_or_all, default=None, help="test questions evaluated (default all)")
     p.add_argument("--kl-text", default=None, help="a text file (one text per line) for KL and CE")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=d.dtype)
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d.dtype, help=DTYPE_HELP)
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
     p.add_argument("--paper", action="store_true", help="the paper's full settings: all pairs, 2 epochs")
     p.add_argument("--out", default="runs", help="directory of runs (default runs/)")
@@ -147,6 +149,16 @@ def _pos_int_or_all(s: str):
     return "all" if s == "all" else _pos_int(s)
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """ "bf16" or "fp32": "auto" becomes the faster one on this machine (llama.fast_dtype)."""
+    from llama import fast_dtype
+
+    if dtype == "auto":
+        dtype = fast_dtype(device)
+        log(f"dtype auto: {dtype} (the faster on this machine; --dtype to choose)")
+    return dtype
+
+
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     c = RunConfig(heads=a.heads.strip(), method=a.method, model=a.model, data=a.data, version=a.version,
                   seed=a.seed, head_seed=a.head_seed, tau=a.tau, lr=a.lr, batch_size=a.batch_size,
@@ -165,6 +177,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         raise UserError("--heads full is the plain LoRA on every layer: use it with --method ipo")
     if c.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
+    c.dtype = resolve_dtype(c.dtype, c.device)
     if c.kl_text and not Path(c.kl_text).is_file():
         raise UserError(f"--kl-text {c.kl_text}: no such file")
     return c
@@ -691,7 +704,7 @@ def cmd_experiment(argv: list[str]) -> int:
     p.add_argument("--model", default=RunConfig.model)
     p.add_argument("--data", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help=DTYPE_HELP)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default="runs")
     a = p.parse_args(argv)
@@ -702,7 +715,9 @@ def cmd_experiment(argv: list[str]) -> int:
         raise UserError(f"--shard {a.shard!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
     size_name = "quick" if a.quick else "paper" if a.paper else "default"
     size = SIZES[size_name]
-    base = RunConfig(model=a.model, data=a.data, seed=a.seed, dtype=a.dtype, device=a.device)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    base = RunConfig(model=a.model, data=a.data, seed=a.seed, dtype=resolve_dtype(a.dtype, a.device), device=a.device)
     runs = experiment_runs(a.name, base, size)
     out = Path(a.out)
     mine = [r for k, r in enumerate(runs) if k % n == i]

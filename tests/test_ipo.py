@@ -84,10 +84,9 @@ def test_ipo_loss_by_hand():
 
 
 def test_schedule_and_default_learning_rates():
-    lrs = [ipo.lr_at(s, 20, 1e-3, warmup=0.1) for s in range(20)]
-    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)  # 2 warm-up steps
-    assert lrs[2] == pytest.approx(1e-3) and lrs[11] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 9 / 18)))
-    assert all(x > y for x, y in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0
+    lrs = [ipo.lr_at(s, 1e-3, warmup=4) for s in range(20)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # 4 warm-up steps, then constant
+    assert lrs[4:] == pytest.approx([1e-3] * 16) and ipo.lr_at(0, 1e-3, warmup=0) == 1e-3
     def first(n):
         mask = torch.zeros(30, 9, dtype=torch.bool)
         mask.view(-1)[:n] = True
@@ -96,6 +95,7 @@ def test_schedule_and_default_learning_rates():
     assert ipo.default_lr(None) == 1e-4 and ipo.default_lr(first(1)) == 2e-3
     assert ipo.default_lr(first(2)) == ipo.default_lr(first(16)) == 5e-4
     assert ipo.default_lr(first(17)) == ipo.default_lr(first(270)) == 1e-4
+    assert ipo.lr_grid(first(1)) == [2e-3 * f for f in ipo.LR_FACTORS] and ipo.lr_grid(None)[0] == 1e-4
 
 
 def test_delta_follows_eq_4_1_and_4_3(model):
@@ -233,23 +233,97 @@ def test_training_lowers_loss_and_raises_accuracy(model, tmp_path):
     data = ipo.encode_pairs(tok, PAIRS, prompts)
     ref = ipo.pair_logprobs(model, data)
     lines = []
-    edit, m = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, mask, tau=0.5, lr=0.1, epochs=8,
-                            batch_size=4, out_dir=tmp_path, log=lines.append)
+    edit, m = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, mask, tau=0.5, lr=0.1, epochs=8, warmup=2,
+                            batch_size=4, out_dir=tmp_path, log=lines.append, stop=ipo.StopRule(every=2, patience=50))
     before = ipo.evaluate_pairs(model, data, ref, ipo.Rank1Edit.at_heads(model.cfg, mask), 0.5)
     after = ipo.evaluate_pairs(model, data, ref, edit, 0.5)
     assert before["loss"] == pytest.approx(1.0, abs=1e-4) and abs(before["margin"]) < 1e-4  # identity at start
     assert after["loss"] < 0.5 * before["loss"] and after["acc"] >= 0.875 and after["margin"] > 0.4
-    assert m["steps"] == 16 and m["done"] and len(m["history"]) == 8 and "val_acc" in m
-    assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
-    assert len(lines) == 8 and "val_loss" in lines[0]
+    assert m["steps"] == 16 and m["done"] and len(m["curve"]) == 9 and "val_acc" in m  # step 0 and every 2 steps
+    assert m["curve"][-1]["train_loss"] < m["curve"][1]["train_loss"]
+    assert m["stop"] == "budget" and not m["converged"]  # still improving when the budget ran out
+    assert any("NOT CONVERGED" in l for l in lines)
     saved = ipo.Rank1Edit.load(tmp_path / "edit.safetensors")
     assert torch.equal(saved.b, edit.b_eff().detach()) and saved.meta["metrics"]["steps"] == 16
     assert (tmp_path / "ref_logprobs.safetensors").exists()
 
 
+def scripted_validation(monkeypatch, losses):
+    """Make evaluate_pairs return the given validation losses in turn (the rule reads nothing else)."""
+    it = iter(losses)
+    monkeypatch.setattr(ipo, "evaluate_pairs", lambda *a, **k: {"loss": next(it), "acc": 0.5, "margin": 0.1})
+
+
+def test_stopping_rule_on_scripted_validation_curves(model, tmp_path, monkeypatch):
+    """The rule stops `patience` validations after the last real gain and never while the loss still falls."""
+    tok, prompts = CharTokenizer(), Prompts()
+    kw = dict(tau=0.5, lr=1e-3, epochs=20, batch_size=4, log=lambda s: None,  # budget: 20 epochs x 2 steps
+              stop=ipo.StopRule(every=2, patience=3, min_delta=0.01))
+    # falls, then levels off (gains below 1% of the best) from the 4th validation on: stops 3 validations later
+    scripted_validation(monkeypatch, [0.9, 0.8, 0.7, 0.699, 0.6995, 0.698, 0.5])
+    _, m = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "a", **kw)
+    assert m["converged"] and m["stop"] == "converged" and m["steps"] == 12 and m["best_step"] == 6
+    assert m["val_loss"] == 0.7 and [r["val_loss"] for r in m["curve"]][1:] == [0.9, 0.8, 0.7, 0.699, 0.6995, 0.698]
+    # still falling by more than 1% at every validation: runs to the budget, recorded as not converged
+    scripted_validation(monkeypatch, [0.99 ** (2 * i) for i in range(1, 21)])
+    _, m = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", **kw)
+    assert not m["converged"] and m["stop"] == "budget" and m["steps"] == m["budget"] == 40
+    assert m["best_step"] == 40
+
+
+def test_stopping_rule_keeps_the_best_checkpoint(model, tmp_path):
+    """A real run whose validation loss levels off (a large learning rate overfits 8 pairs): it stops before
+    its budget, and the edit returned and saved is the one at the best validation, not the last state."""
+    tok, prompts = CharTokenizer(), Prompts()
+    mask = some_mask(model.cfg)
+    val = PAIRS[6:]
+    edit, m = ipo.train_ipo(model, tok, PAIRS[:6], val, prompts, mask, tau=0.5, lr=0.3, epochs=200, batch_size=3,
+                            warmup=0, out_dir=tmp_path, log=lambda s: None, stop=ipo.StopRule(every=2, patience=4))
+    assert m["converged"] and m["steps"] < m["budget"] and m["steps"] == m["best_step"] + 4 * 2
+    losses = {r["step"]: r["val_loss"] for r in m["curve"]}
+    assert min(losses.values()) >= m["val_loss"] * (1 - 0.002) and losses[m["best_step"]] == m["val_loss"]
+    data = ipo.encode_pairs(tok, PAIRS[:6] + val, prompts).subset(range(6, 8))
+    ref = ipo.pair_logprobs(model, data)
+    assert ipo.evaluate_pairs(model, data, ref, edit, 0.5)["loss"] == pytest.approx(m["val_loss"], rel=1e-5)
+    last = ipo.Rank1Edit.at_heads(model.cfg, mask)
+    last.load_state(torch.load(tmp_path / "ckpt.pt", weights_only=True)["edit"])
+    assert not torch.equal(last.b, edit.b)  # the last state is not the one kept
+    assert torch.equal(ipo.Rank1Edit.load(tmp_path / "edit.safetensors").b, edit.b_eff().detach())
+
+
+def test_select_ipo_keeps_the_lowest_validation_loss(model, tmp_path):
+    tok, prompts = CharTokenizer(), Prompts()
+    edit, m = ipo.select_ipo(model, tok, PAIRS, PAIRS[:3], prompts, some_mask(model.cfg), lrs=[1e-4, 0.05],
+                             tau=0.5, epochs=3, batch_size=4, warmup=1, out_dir=tmp_path, log=lambda s: None,
+                             stop=ipo.StopRule(every=2, patience=2))
+    grid = m["selection"]["grid"]
+    assert [g["lr"] for g in grid] == [1e-4, 0.05] and m["selection"]["chosen_lr"] == m["lr"]
+    assert m["val_loss"] == min(g["val_loss"] for g in grid) and m["lr"] == 0.05
+    assert (tmp_path / "ref_logprobs.safetensors").exists() and not (tmp_path / "lr0.05" / "ref_logprobs.safetensors").exists()
+    saved = ipo.Rank1Edit.load(tmp_path / "edit.safetensors")
+    assert torch.equal(saved.b, edit.b_eff().detach()) and saved.meta["metrics"]["selection"]["chosen_lr"] == 0.05
+
+
+def test_lora_scale_multiplies_the_delta_and_merges_exactly(model, tmp_path):
+    mask = some_mask(model.cfg)
+    ids = torch.randint(3, 64, (2, 7))
+    for kind_mask in (None, mask):
+        one = random_edit(model, kind_mask)
+        s = (ipo.Rank1Edit.full(model.cfg, scale=8.0) if kind_mask is None
+             else ipo.Rank1Edit.at_heads(model.cfg, kind_mask, scale=8.0))
+        s.load_state(one.state())
+        o = torch.randn(2, 7, model.cfg.n_heads, model.cfg.head_dim)
+        W = model.layers[0].W_O
+        torch.testing.assert_close(s.delta(0, o, W), 8.0 * one.delta(0, o, W))
+        with torch.no_grad():
+            torch.testing.assert_close(s.merge_into(model)(ids), model(ids, edit=s), rtol=1e-4, atol=1e-4)
+        back = ipo.Rank1Edit.load(s.save(tmp_path / "s.safetensors"))
+        assert back.scale == 8.0 and torch.equal(model(ids, edit=back), model(ids, edit=s))
+
+
 def test_resume_equals_uninterrupted_run(model, tmp_path):
     tok, prompts = CharTokenizer(), Prompts()
-    kw = dict(tau=0.2, lr=1e-2, epochs=2, batch_size=3, log=lambda s: None)
+    kw = dict(tau=0.2, lr=1e-2, epochs=2, batch_size=3, log=lambda s: None, stop=ipo.StopRule(every=2))
     full, m_full = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "a", **kw)
     part, m_part = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b",
                                  max_steps=4, ckpt_every=2, **kw)
@@ -260,7 +334,7 @@ def test_resume_equals_uninterrupted_run(model, tmp_path):
     assert "resuming" in logs[0] and m_rest["steps"] == m_full["steps"] == 6
     assert not torch.equal(part.b, full.b)
     assert torch.equal(rest.a, full.a) and torch.equal(rest.b, full.b)
-    assert m_rest["history"] == m_full["history"]
+    assert m_rest["curve"] == m_full["curve"]
     with pytest.raises(ValueError, match="different run"):
         ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", **{**kw, "tau": 0.3})
 
@@ -269,17 +343,26 @@ def test_bad_input(model, tmp_path):
     tok, prompts, cfg = CharTokenizer(), Prompts(), model.cfg
     empty = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
     with pytest.raises(ValueError, match="no heads"):
-        ipo.train_ipo(model, tok, PAIRS, [], prompts, empty, out_dir=tmp_path / "x")
+        ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, empty, out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="no validation pairs"):
+        ipo.train_ipo(model, tok, PAIRS, [], prompts, None, out_dir=tmp_path / "x")
+    for kw in ({"every": 0}, {"patience": 0}, {"min_delta": -0.1}, {"min_delta": 1.0}):
+        with pytest.raises(ValueError, match="stopping rule"):
+            ipo.StopRule(**kw)
+    with pytest.raises(ValueError, match="empty learning-rate grid"):
+        ipo.select_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, lrs=[], out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="LoRA scale"):
+        ipo.Rank1Edit.full(cfg, scale=0.0)
     with pytest.raises(ValueError, match="shape"):
         ipo.Rank1Edit.at_heads(cfg, torch.ones(2, 2, dtype=torch.bool))
     for kw in ({"tau": 0.0}, {"tau": -1.0}, {"lr": float("nan")}, {"lr": -1e-3}):
         with pytest.raises(ValueError, match="tau|lr"):
-            ipo.train_ipo(model, tok, PAIRS, [], prompts, None, out_dir=tmp_path / "x", **kw)
+            ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "x", **kw)
     with pytest.raises(FileNotFoundError):
         ipo.Rank1Edit.load(tmp_path / "missing.safetensors")
     # a learning rate that blows the loss up: a clear error, the last good state kept
     with pytest.raises(ValueError, match="non-finite"):
-        ipo.train_ipo(model, tok, PAIRS, [], prompts, some_mask(cfg), lr=1e20, warmup=0.0, epochs=3,
+        ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, some_mask(cfg), lr=1e20, warmup=0, epochs=3,
                       out_dir=tmp_path / "nan",
                       log=lambda s: None)
     st = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
