@@ -676,7 +676,9 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
     _, lr, edit, m = min(tried, key=lambda t: t[0])
     m = {**m, "selection": {"by": "lowest validation IPO loss", "chosen_lr": lr,
                             "grid": [{"lr": t[1], "val_loss": t[0], "best_step": t[3]["best_step"],
-                                      "steps": t[3]["steps"], "converged": t[3]["converged"]} for t in tried]}}
+                                      "steps": t[3]["steps"], "converged": t[3]["converged"],
+                                      "curve": [[r["step"], r["val_loss"]] for r in t[3]["curve"]]}
+                                     for t in tried]}}
     if len(lrs) > 1:
         log("ipo: learning rate " + ", ".join(f"{t[1]:g} -> {t[0]:.4f}{'' if t[3]['converged'] else ' (not converged)'}"
                                              for t in tried) + f"; chosen {lr:g}")

@@ -14,6 +14,7 @@ An edit is a llama.Edit; "newest" edits (ITI) act from the last prompt token on,
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -159,8 +160,12 @@ def mc_scores(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit 
 # KL and CE on neutral text
 
 
-def kl_texts(questions: Sequence) -> list[str]:
-    """The default neutral text set: each question with its best answer in the QA layout."""
+NEUTRAL_TEXT = Path(__file__).resolve().parent / "neutral.txt"  # 200 paragraphs of plain English, one a line,
+# written for editloc (no TruthfulQA topics): the off-target text of KL and CE, as ITI uses OpenWebText
+
+
+def qa_texts(questions: Sequence) -> list[str]:
+    """The in-domain text set of KL_qa / CE_qa: each question with its best answer in the QA layout."""
     return [f"Q: {q.question}\nA: {q.best}" for q in questions]
 
 
@@ -174,19 +179,20 @@ def _split_at_answer(text: str) -> tuple[str, str]:
 
 @torch.inference_mode()
 def kl_ce(model: Llama, tokenizer, texts: Sequence[str], edit: Edit | None = None, batch_size: int = 16,
-          progress: bool = True) -> dict:
+          progress: bool = True, every_position: bool = False) -> dict:
     """Mean per-token KL(base || edited) = sum_v p_base(v) (log p_base(v) - log p_edit(v)) over every position
     that predicts a token of the text, and the edited model's cross-entropy there (nats/token).
 
     A "newest" edit (ITI) acts from the last token of the prompt part ("...A:") on, as while generating; a
-    text without a line starting "A:" gets it everywhere. An "all" edit acts everywhere. Returns "kl", "ce"
+    text without a line starting "A:", or any text with every_position (off-target text, as ITI measures it),
+    gets it everywhere. An "all" edit acts everywhere. Returns "kl", "ce"
     (token-weighted means over all texts), "tokens", and "per_text": {"kl", "ce", "tokens"} (per-text means)."""
     texts = list(texts)
     if not texts:
         raise ValueError("kl_ce: no texts")
     enc, starts = [], []
     for t in texts:
-        head, rest = _split_at_answer(t)
+        head, rest = ("", t) if every_position else _split_at_answer(t)
         h_ids, r_ids = tokenizer.encode(head) if head else [], tokenizer.encode(rest) if rest else []
         enc.append(h_ids + r_ids)
         starts.append(max(len(h_ids) - 1, 0))  # first position the newest-style edit acts on
@@ -273,7 +279,7 @@ def bench_metrics(n_questions: int = 16) -> dict:
     generate_answers(model, tok, prompts, qs, progress=False)
     out["generate_answers_per_s"] = len(qs) / (time.time() - t)
     t = time.time()
-    kl = kl_ce(model, tok, kl_texts(qs), progress=False)
+    kl = kl_ce(model, tok, qa_texts(qs), progress=False)
     out["kl_texts_per_s"] = len(qs) / (time.time() - t)
     out.update(mc1=mc["mc1"], mc2=mc["mc2"], ce=kl["ce"], threads=torch.get_num_threads())
     print(json.dumps(out))

@@ -1,13 +1,15 @@
 """probe.py: ITI's linear probes on every attention head (Li et al. 2023, sec. 3.1) and the head sets.
 
-For each TruthfulQA training example "Q: {question}\\nA: {answer}" we read every head's output o_h^l at the last
-token (the per-head attention output before o_proj, eq. 2.4), X: [N, L, H, D], and fit one logistic regression
-per head, p(true | o_h^l) = sigmoid(w_h^l . o_h^l + b_h^l), all L x H heads at once. The heads whose probes reach
-the highest validation accuracy are ITI's "truthful" heads (`probe16`).
+For each TruthfulQA training example, the paper's (x, y, x_random) "Q: {question}\\nA: {answer}\\nQ: {another
+question}" (or ITI's "Q: {question}\\nA: {answer}": truthfulqa.PROBE_LAYOUTS), we read every head's output o_h^l
+at the last token (the per-head attention output before o_proj, eq. 2.4), X: [N, L, H, D], and fit one logistic
+regression per head, p(true | o_h^l) = sigmoid(w_h^l . o_h^l + b_h^l), all L x H heads at once. The heads whose
+probes reach the highest validation accuracy are ITI's "truthful" heads (`probe16`).
 
   collect        X [N, L, H, D] for a list of ProbeExamples (cached on disk)
   train_probes   fit all probes (batched Newton, sklearn's C=1 objective) -> validation accuracy [L, H]
   probe_heads    the whole thing on the training questions of a Split -> ProbeResult (save: JSON, safetensors, png)
+  compare_rankings  two accuracy maps [L, H] (e.g. of the two layouts): top-k overlap, Spearman rho, mean |diff|
   parse_heads    head sets: probeK, randomK, all, single:L.H, L.H,L.H,...  -> mask [L, H]
 """
 from __future__ import annotations
@@ -55,8 +57,9 @@ def collect(model, tokenizer, examples: list, *, batch_size: int = 32, cache_key
             progress: bool = True) -> torch.Tensor:
     """Last-token per-head outputs of every layer for each example's `text`: X [N, L, H, D] in the model dtype.
 
-    The examples of one question share their "Q: {question}\\nA:" tokens, so that prefix is run once per question
-    and only the answers are run on top of its keys/values:
+    The examples of one question share their longest common token prefix (at least "Q: {question}\\nA:"; with the
+    paper layout each text goes on past its answer with its own random question), so that prefix is run once per
+    question and only the rest of each text (answer, random question) is run on top of its keys/values:
       1. a block of questions (about 4 * batch_size examples, sorted by prefix length) runs its prefixes,
          left-padded, into a KVCache [Q, K, P, D];
       2. the block's answers, sorted by length, run in batches of `batch_size` (left-padded) on a cache whose
@@ -288,11 +291,13 @@ def probe_rows(qids: list[int], train_qids: list[int], seed: int = 0) -> tuple[t
 
 
 def probe_heads(model, tokenizer, questions: list, split: truthfulqa.Split, *, model_name: str, version: str,
-                seed: int = 0, batch_size: int = 32, device=None) -> ProbeResult:
-    """Probe every head on the training questions of `split`: collect X (cached on disk by model, dtype and the
-    digest of the probe texts), split the questions 80/20 into probe-train / probe-val (under `seed`), fit all
-    probes (on `device`), return the validation accuracies with everything needed for ITI (`iti.fit_iti`)."""
-    examples = truthfulqa.probe_examples(questions, split.train)
+                seed: int = 0, batch_size: int = 32, device=None, layout: str = "paper") -> ProbeResult:
+    """Probe every head on the training questions of `split`: build the probe texts in `layout` ("paper" draws
+    each example's random question under `seed`, from the training questions), collect X (cached on disk by
+    model, dtype and the digest of the probe texts, so the layouts and seeds cache apart), split the questions
+    80/20 into probe-train / probe-val (under `seed`), fit all probes (on `device`), return the validation
+    accuracies with everything needed for ITI (`iti.fit_iti`)."""
+    examples = truthfulqa.probe_examples(questions, split.train, layout=layout, seed=seed)
     key = activation_key(model_name, model.dtype, examples)
     X = collect(model, tokenizer, examples, batch_size=batch_size, cache_key=key)
     y = torch.tensor([e.label for e in examples])
@@ -302,11 +307,47 @@ def probe_heads(model, tokenizer, questions: list, split: truthfulqa.Split, *, m
     acc = train_probes(X, y, train_idx, val_idx, device=device)
     L, H = acc.shape
     best = rank_heads(acc)[0]
-    _log(f"probes: {L * H} heads fitted in {time.time() - t0:.2f}s on {len(train_idx)} examples; "
+    _log(f"probes ({layout} layout): {L * H} heads fitted in {time.time() - t0:.2f}s on {len(train_idx)} examples; "
          f"validation accuracy max {float(acc.max()):.3f} (head {best[0]}.{best[1]}), mean {float(acc.mean()):.3f}")
     return ProbeResult(acc=acc, X=X, y=y, qids=qids, train_idx=train_idx, val_idx=val_idx, split=split,
-                       meta={"model": model_name, "version": version, "seed": seed, "cache_key": key,
-                             "title": f"probe accuracy: {model_name}, TruthfulQA {version}"})
+                       meta={"model": model_name, "version": version, "seed": seed, "layout": layout,
+                             "cache_key": key, "title": f"probe accuracy: {model_name}, TruthfulQA {version}, "
+                                                        f"{layout} layout"})
+
+
+def _average_ranks(v: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of v [n] in increasing order, tied values sharing the mean of their ranks: [n] fp64."""
+    _, inverse, counts = torch.unique(v, sorted=True, return_inverse=True, return_counts=True)  # [n], [u]
+    last = torch.cumsum(counts, 0).double()  # [u] rank of each distinct value's last copy
+    return (last - (counts.double() - 1) / 2)[inverse]  # mean of ranks last - c + 1 .. last
+
+
+def compare_rankings(acc_a: torch.Tensor, acc_b: torch.Tensor, k: int = 16) -> dict:
+    """How alike two probe accuracy maps [L, H] are (e.g. the "paper" and "iti" layouts):
+      overlap        |top-k(a) & top-k(b)|, the top k heads by `rank_heads`; shared: those heads, "L.H" row-major
+      spearman       Spearman's rho over all L*H heads: Pearson's r of the average ranks (ties share their mean
+                     rank); nan when either map is constant
+      mean_abs_diff  mean over heads of |acc_a - acc_b|"""
+    if acc_a.dim() != 2 or acc_a.shape != acc_b.shape:
+        raise ValueError(f"compare_rankings: expected two accuracy maps [L, H] of one shape, got "
+                         f"{tuple(acc_a.shape)} and {tuple(acc_b.shape)}")
+    L, H = acc_a.shape
+    if not 1 <= k <= L * H:
+        raise ValueError(f"compare_rankings: k={k} must be between 1 and {L * H} (the number of heads)")
+    top = []
+    for acc in (acc_a, acc_b):
+        mask = torch.zeros(L, H, dtype=torch.bool)
+        for l, h in rank_heads(acc)[:k]:
+            mask[l, h] = True
+        top.append(mask)
+    a, b = acc_a.flatten().double().cpu(), acc_b.flatten().double().cpu()  # [L*H]
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    shared = head_list(top[0] & top[1])
+    return {"k": k, "overlap": len(shared), "shared": shared,
+            "spearman": float((ra * rb).sum()) / denom if denom > 0 else float("nan"),
+            "mean_abs_diff": float((a - b).abs().mean())}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,11 +445,13 @@ def heatmap(acc: torch.Tensor, mask: torch.Tensor | None, path: str | os.PathLik
 # Benchmark
 
 
-def bench_probe(model_name: str = "smollm2-135m", n_examples: int = 1000, batch_size: int = 32, data=None) -> dict:
+def bench_probe(model_name: str = "smollm2-135m", n_examples: int = 1000, batch_size: int = 32, data=None,
+                layout: str = "paper") -> dict:
     """Collection speed (examples/s, and tok/s counting every token of each full text, as a plain forward would
-    process; fresh, no cache) on the first n_examples TruthfulQA v0 training examples, and the time of one
-    batched fit of all heads on the full probe-train set (split seed 0). The fit's activations come from the
-    disk cache that probe_heads uses; on a cold cache they are collected first (untimed; `fit_cache_hit`)."""
+    process; fresh, no cache) on the first n_examples TruthfulQA v0 training examples (in `layout`), and the
+    time of one batched fit of all heads on the full probe-train set (split seed 0). The fit's activations come
+    from the disk cache that probe_heads uses; on a cold cache they are collected first (untimed;
+    `fit_cache_hit`)."""
     from llama import Llama
     from tokenizer import Tokenizer
 
@@ -417,7 +460,7 @@ def bench_probe(model_name: str = "smollm2-135m", n_examples: int = 1000, batch_
     tok = Tokenizer.from_pretrained(model_name)
     questions = truthfulqa.load_questions(data, "v0")
     split = truthfulqa.make_split(questions, seed=0)
-    every = truthfulqa.probe_examples(questions, split.train)
+    every = truthfulqa.probe_examples(questions, split.train, layout=layout, seed=0)  # as probe_heads with seed 0
     examples = every[:n_examples]
     n_tok = sum(len(tok.encode(e.text)) for e in examples)
     t0 = time.time()
@@ -433,7 +476,7 @@ def bench_probe(model_name: str = "smollm2-135m", n_examples: int = 1000, batch_
     w, b = fit_probes(Xtr, ytr)  # w [L, H, D], b [L, H]
     fit_s = time.time() - t1
     acc = probe_accuracy(X[val_idx], y[val_idx], w, b)  # [L, H]
-    return {"collect_examples": len(examples), "collect_s": round(dt, 2),
+    return {"layout": layout, "collect_examples": len(examples), "collect_s": round(dt, 2),
             "collect_examples_per_s": round(len(examples) / dt, 1), "collect_tok_per_s": round(n_tok / dt),
             "fit_heads": acc.numel(), "fit_n": len(train_idx), "fit_s": round(fit_s, 3), "fit_cache_hit": hit,
             "probe_acc_max": round(float(acc.max()), 4), "probe_acc_mean": round(float(acc.mean()), 4),

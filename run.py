@@ -72,10 +72,16 @@ class RunConfig:
     seed: int = 0  # the split, the probes and the IPO initialisation
     head_seed: int = 0  # which random head set randomK draws
     tau: float = 0.1
-    lr: float | None = None  # None: by head count (2e-3 one head, 5e-4 <= 16 heads, 1e-4 more / full model)
-    epochs: int = 1
+    lr: list[float] | None = None  # the learning-rate grid; None: ipo.lr_grid by head count
+    scale: float = 1.0  # LoRA scaling lora_alpha / r
+    epochs: int = 1  # the step budget, in passes over the training pairs; the stopping rule usually ends sooner
     batch_size: int = 4
     max_pairs: int | None = 1200  # subsample of the ~6,560 training pairs (None: all)
+    val_questions: int = 32  # the fixed validation subsample: every pair of this many validation questions
+    eval_every: int = 25  # validate every this many steps
+    patience: int = 4  # stop after this many validations without a gain of min_delta (relative)
+    min_delta: float = 0.002
+    probe_layout: str = "paper"  # probe examples: "paper" (x, y, x_random) or "iti" ("Q: x\nA: y")
     alpha: float = 5.0  # ITI strength (ITI used 15 on 7B models; 15 breaks SmolLM2-135M, 5 does not)
     n_test: int | None = None  # None: every test question
     kl_text: str | None = None
@@ -91,7 +97,8 @@ class RunConfig:
         if len(h) > 40:
             h = "heads-" + hashlib.sha1(h.encode()).hexdigest()[:8]
         hs = f"-h{self.head_seed}" if self.heads.startswith("random") else ""
-        return f"{self.method}-{h}{hs}-s{self.seed}"
+        t = f"-t{self.tau:g}" if self.method != "iti" else ""
+        return f"{self.method}-{h}{hs}-s{self.seed}{t}"
 
     def training_dict(self) -> dict:
         """The settings that change what a run computes (not where it writes)."""
@@ -100,10 +107,14 @@ class RunConfig:
 
 DTYPE_HELP = ("model dtype; auto (default): bf16 on a GPU, and on a CPU whichever of bf16 and fp32 runs its "
               "matmuls faster, measured once per machine; the run records the dtype used")
+PROBE_LAYOUTS = {"paper": "the paper's (x, y, x_random): question, answer, another random training question",
+                 "iti": "ITI's (x, y): question and answer"}
 PAPER = dict(epochs=2, max_pairs=None, n_test=None)  # the paper's settings (tau, lr by head count, batch 4)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
+    from ipo import LR_FACTORS
+
     d = RunConfig()
     p.add_argument("--heads", required=True, metavar="SPEC",
                    help="probeK | randomK | all | single:L.H | L.H,L.H,... | full (plain LoRA on every layer)")
@@ -113,9 +124,22 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", choices=("v0", "v1"), default=d.version)
     p.add_argument("--seed", type=int, default=d.seed, help="split, probe and IPO seed")
     p.add_argument("--head-seed", type=int, default=d.head_seed, help="seed of the randomK head set")
-    p.add_argument("--tau", type=_positive, default=d.tau, help="IPO tau (paper: 0.1-0.5)")
-    p.add_argument("--lr", type=_positive, default=None, help="IPO learning rate (default by head count)")
-    p.add_argument("--epochs", type=_pos_int, default=None, help=f"IPO epochs (default {d.epochs}; paper 2)")
+    p.add_argument("--tau", type=_positive_list, default=[d.tau],
+                   help="IPO tau, or a list (0.1,0.3,0.5: one run each, and the Truth-Info curve over them)")
+    p.add_argument("--lr", type=_positive_list, default=None,
+                   help="IPO learning rate, or a grid to select from by validation loss (default: "
+                        f"{', '.join(f'{f:g}x' for f in LR_FACTORS)} the paper's rate for the head count)")
+    p.add_argument("--lora-scale", type=_positive, default=d.scale, help="LoRA scaling lora_alpha / r (default 1)")
+    p.add_argument("--epochs", type=_pos_int, default=None,
+                   help=f"IPO step budget in epochs (default {d.epochs}; paper 2); training stops sooner once converged")
+    p.add_argument("--patience", type=_pos_int, default=d.patience,
+                   help=f"validations without a {d.min_delta:g} relative gain before stopping (default {d.patience})")
+    p.add_argument("--eval-every", type=_pos_int, default=d.eval_every,
+                   help=f"steps between validations (default {d.eval_every})")
+    p.add_argument("--val-questions", type=_pos_int, default=d.val_questions,
+                   help=f"validation questions whose pairs the stopping rule reads (default {d.val_questions})")
+    p.add_argument("--probe-layout", choices=("paper", "iti"), default=d.probe_layout,
+                   help="probe examples: paper (question, answer, a random other question) or iti (question, answer)")
     p.add_argument("--batch-size", type=_pos_int, default=d.batch_size)
     p.add_argument("--max-pairs", type=_pos_int_or_all, default=None,
                    help=f"training pairs used (default {d.max_pairs}; 'all' for every pair)")
@@ -139,6 +163,13 @@ def _positive(s: str) -> float:
     return v
 
 
+def _positive_list(s: str) -> list[float]:
+    parts = [x.strip() for x in s.split(",")]
+    if not parts or any(not x for x in parts):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a number > 0 or a comma-separated list of them")
+    return [_positive(x) for x in parts]
+
+
 def _pos_int(s: str) -> int:
     if not s.isdigit() or int(s) < 1:
         raise argparse.ArgumentTypeError(f"{s!r}: expected an integer >= 1")
@@ -153,16 +184,15 @@ def resolve_dtype(dtype: str, device: str) -> str:
     """ "bf16" or "fp32": "auto" becomes the faster one on this machine (llama.fast_dtype)."""
     from llama import fast_dtype
 
-    if dtype == "auto":
-        dtype = fast_dtype(device)
-        log(f"dtype auto: {dtype} (the faster on this machine; --dtype to choose)")
-    return dtype
+    return fast_dtype(device) if dtype == "auto" else dtype
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     c = RunConfig(heads=a.heads.strip(), method=a.method, model=a.model, data=a.data, version=a.version,
-                  seed=a.seed, head_seed=a.head_seed, tau=a.tau, lr=a.lr, batch_size=a.batch_size,
-                  alpha=a.alpha, kl_text=a.kl_text, dtype=a.dtype, device=a.device)
+                  seed=a.seed, head_seed=a.head_seed, tau=a.tau[0], lr=a.lr, scale=a.lora_scale,
+                  batch_size=a.batch_size, patience=a.patience, eval_every=a.eval_every,
+                  val_questions=a.val_questions, probe_layout=a.probe_layout, alpha=a.alpha, kl_text=a.kl_text,
+                  dtype=a.dtype, device=a.device)
     if a.paper:
         c = replace(c, **PAPER)
     if a.epochs is not None:
@@ -204,7 +234,7 @@ class Context:
         self.split = truthfulqa.make_split(self.questions, seed=cfg.seed)
         self.prompts = truthfulqa.load_prompts(cfg.data)
         self.model_name = cfg.model if "/" not in cfg.model else Path(cfg.model).name
-        self._probe = None
+        self._probes = {}  # probe layout -> ProbeResult
         self._judges = None
         log(f"loaded {cfg.model} ({cfg.dtype}, {cfg.device}) and TruthfulQA {cfg.version} "
             f"({len(self.questions)} questions: {len(self.split.train)} train / {len(self.split.val)} val / "
@@ -221,14 +251,16 @@ class Context:
 
     @property
     def probe(self):
-        """The probe result on the training questions (activations cached on disk by probe.py)."""
-        if self._probe is None:
+        """The probe result on the training questions in the run's probe layout (activations cached on disk by
+        probe.py)."""
+        layout = self.cfg.probe_layout
+        if layout not in self._probes:
             import probe
 
-            self._probe = probe.probe_heads(self.model, self.tok, self.questions, self.split,
-                                            model_name=self.model_name, version=self.cfg.version,
-                                            seed=self.cfg.seed, device=self.cfg.device)
-        return self._probe
+            self._probes[layout] = probe.probe_heads(self.model, self.tok, self.questions, self.split,
+                                                     model_name=self.model_name, version=self.cfg.version,
+                                                     seed=self.cfg.seed, device=self.cfg.device, layout=layout)
+        return self._probes[layout]
 
     @property
     def judges(self):
@@ -242,14 +274,20 @@ class Context:
         return self._judges
 
     def kl_texts(self) -> list[str]:
+        """The off-target text of KL and CE: --kl-text, or the neutral English text shipped with editloc."""
         import metrics
 
-        if self.cfg.kl_text:
-            lines = [l.rstrip("\n") for l in Path(self.cfg.kl_text).read_text().splitlines() if l.strip()]
-            if not lines:
-                raise UserError(f"--kl-text {self.cfg.kl_text}: the file has no text")
-            return lines
-        return metrics.kl_texts(self.test)
+        path = Path(self.cfg.kl_text) if self.cfg.kl_text else metrics.NEUTRAL_TEXT
+        lines = [l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        if not lines:
+            raise UserError(f"--kl-text {path}: the file has no text")
+        return lines
+
+    def qa_texts(self) -> list[str]:
+        """The in-domain text of KL_qa and CE_qa: each test question with its best answer."""
+        import metrics
+
+        return metrics.qa_texts(self.test)
 
     def mask(self, cfg: RunConfig) -> torch.Tensor | None:
         """The head mask [L, H] of the run (None for the full-model LoRA)."""
@@ -269,7 +307,7 @@ class Context:
 # Evaluation
 
 
-METRICS = ("truth", "info", "truth_info", "mc1", "mc2", "mc3", "kl", "ce")
+METRICS = ("truth", "info", "truth_info", "mc1", "mc2", "mc3", "kl", "ce", "kl_qa", "ce_qa")
 
 
 def evaluate(ctx: Context, edit, label: str) -> dict:
@@ -284,11 +322,13 @@ def evaluate(ctx: Context, edit, label: str) -> dict:
     tj, ij = ctx.judges
     ti = metrics.truth_info(tj, ij, qs, answers)
     mc = metrics.mc_scores(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit)
-    kl = metrics.kl_ce(ctx.model, ctx.tok, ctx.kl_texts(), edit=edit)
+    kl = metrics.kl_ce(ctx.model, ctx.tok, ctx.kl_texts(), edit=edit, every_position=True)  # off-target
+    kl_qa = metrics.kl_ce(ctx.model, ctx.tok, ctx.qa_texts(), edit=edit)  # in-domain
     per = {"truth": ti["per_question"]["truth"], "info": ti["per_question"]["info"],
            "truth_score": ti["per_question"]["truth_score"], "info_score": ti["per_question"]["info_score"],
            "mc1": mc["per_question"]["mc1"], "mc2": mc["per_question"]["mc2"], "mc3": mc["per_question"]["mc3"],
-           "kl": kl["per_text"]["kl"], "ce": kl["per_text"]["ce"]}
+           "kl": kl["per_text"]["kl"], "ce": kl["per_text"]["ce"],
+           "kl_qa": kl_qa["per_text"]["kl"], "ce_qa": kl_qa["per_text"]["ce"]}
     figures = {}
     for k in ("truth", "info", "truth_score", "info_score", "mc1", "mc2", "mc3"):
         figures[k] = {"value": float(np.mean(per[k])), "ci95": metrics.bootstrap_ci(per[k])}
@@ -296,20 +336,23 @@ def evaluate(ctx: Context, edit, label: str) -> dict:
                              "ci95": metrics.bootstrap_ci_product(per["truth"], per["info"])}
     for k in ("kl", "ce"):  # token-weighted means, intervals over texts
         figures[k] = {"value": kl[k], "ci95": metrics.bootstrap_ci(per[k])}
+        figures[f"{k}_qa"] = {"value": kl_qa[k], "ci95": metrics.bootstrap_ci(per[f"{k}_qa"])}
     gens = [{"qid": q.qid, "question": q.question, "answer": a, "truth": t, "info": i, "truth_score": ts,
              "info_score": is_} for q, a, t, i, ts, is_ in zip(qs, answers, per["truth"], per["info"],
                                                                 per["truth_score"], per["info_score"])]
     dt = time.time() - t0
     log(f"[{label}] Truth {figures['truth']['value']:.3f} Info {figures['info']['value']:.3f} "
         f"Truth*Info {figures['truth_info']['value']:.3f} MC1 {figures['mc1']['value']:.3f} "
-        f"MC2 {figures['mc2']['value']:.3f} KL {figures['kl']['value']:.4f} ({dt:.0f}s)")
+        f"MC2 {figures['mc2']['value']:.3f} KL {figures['kl']['value']:.4f} KL_qa {figures['kl_qa']['value']:.4f} "
+        f"({dt:.0f}s)")
     return {"label": label, "figures": figures, "per_question": per, "qids": [q.qid for q in qs],
             "generations": gens, "n_test": len(qs), "kl_texts": len(kl["per_text"]["kl"]), "seconds": dt}
 
 
 # part of the base evaluation's cache key (with each judge's data and training time); bumped when the numbers
-# an unchanged model gives change (2: fp32 generation through oneDNN's kernel, llama.linear)
-BASE_EVAL_VERSION = 2
+# an unchanged model gives change (2: fp32 generation through oneDNN's kernel, llama.linear; 3: KL on the
+# neutral text and KL_qa)
+BASE_EVAL_VERSION = 3
 
 
 def base_eval(ctx: Context) -> dict:
@@ -385,14 +428,18 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         else:
             rng = random.Random(cfg.seed)
             train = truthfulqa.preference_pairs(ctx.questions, ctx.split.train)
-            val = truthfulqa.preference_pairs(ctx.questions, ctx.split.val)
             if cfg.max_pairs is not None and cfg.max_pairs < len(train):
                 train = rng.sample(train, cfg.max_pairs)
                 log(f"IPO: training on {len(train)} of the pairs (seeded subsample)")
-            val = rng.sample(val, min(len(val), max(64, (cfg.max_pairs or len(val)) // 8)))
-            edits["ipo"], _ = ipo.train_ipo(ctx.model, ctx.tok, train, val, ctx.prompts, mask, tau=cfg.tau,
-                                            lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                                            out_dir=d / "ipo", log=log)
+            # the stopping rule's fixed validation set: every pair of a seeded subsample of validation questions
+            val_q = sorted(random.Random(cfg.seed).sample(ctx.split.val, min(cfg.val_questions, len(ctx.split.val))))
+            val = truthfulqa.preference_pairs(ctx.questions, val_q)
+            lrs = cfg.lr or ipo.lr_grid(mask)
+            edits["ipo"], _ = ipo.select_ipo(ctx.model, ctx.tok, train, val, ctx.prompts, mask, lrs=lrs, tau=cfg.tau,
+                                             epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                                             scale=cfg.scale, stop=ipo.StopRule(cfg.eval_every, cfg.patience,
+                                                                                cfg.min_delta),
+                                             out_dir=d / "ipo", log=log)
         timings["ipo_s"] = time.time() - t
     if cfg.method in ("iti", "both"):
         path = d / "iti" / "edit.safetensors"
@@ -453,11 +500,37 @@ def versions(ctx: Context) -> dict:
             "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 
+def ipo_status(i: dict | None) -> str:
+    """One line on an IPO edit's training: converged or not, steps, the chosen learning rate, validation."""
+    if not i:
+        return ""
+    conv = "converged" if i.get("converged") else "NOT CONVERGED (step budget spent)"
+    sel = i.get("selection", {})
+    grid = ", ".join(f"{g['lr']:g}: {g['val_loss']:.4f}{'' if g['converged'] else ' (not converged)'}"
+                     for g in sel.get("grid", []))
+    return (f"IPO {conv}: best validation loss {i['val_loss']:.4f} at step {i['best_step']} of {i['steps']} "
+            f"(budget {i['budget']}), margin {i['val_margin']:+.3f}, preference accuracy {i['val_acc']:.3f}; "
+            f"lr {i['lr']:g} chosen by validation loss from [{grid}], tau {i['tau']:g}, LoRA scale {i['scale']:g}")
+
+
 def summary(res: dict) -> str:
     rows = [f"run {res['run_dir']}: heads {res['head_spec']} ({len(res['heads'])})"]
     for label, m in res["metrics"].items():
         rows.append(f"  {label:5s} " + "  ".join(f"{k} {m[k]['value']:.3f}" for k in METRICS))
+    if res.get("ipo"):
+        rows.append("  " + ipo_status(res["ipo"]))
     rows.append(f"  report: {res['run_dir']}/report.md   ({res['timings']['total_s']:.0f}s)")
+    return "\n".join(rows)
+
+
+def tau_summary(res: dict) -> str:
+    """The runs of one head set over several taus: Truth, Info, Truth*Info each, and the best over tau."""
+    rows = ["tau curve (IPO): " + "; ".join(
+        f"tau {t:g}: Truth {r['metrics']['ipo']['truth']['value']:.3f} Info {r['metrics']['ipo']['info']['value']:.3f} "
+        f"Truth*Info {r['metrics']['ipo']['truth_info']['value']:.3f}"
+        + ("" if r["ipo"]["converged"] else " (not converged)") for t, r in res.items())]
+    best = max(res, key=lambda t: res[t]["metrics"]["ipo"]["truth_info"]["value"])
+    rows.append(f"best Truth*Info over tau: {res[best]['metrics']['ipo']['truth_info']['value']:.3f} at tau {best:g}")
     return "\n".join(rows)
 
 
@@ -605,22 +678,29 @@ def report(res: dict, d: Path, acc: torch.Tensor) -> str:
            f"Model `{cfg['model']}` ({cfg['dtype']}), TruthfulQA {cfg['version']}, split seed {cfg['seed']} "
            f"({len(res['split']['train'])} train / {len(res['split']['val'])} val / {len(res['split']['test'])} "
            f"test questions; {len(res['per_question']['base']['qids'])} evaluated).", "",
-           f"Heads (`{res['head_spec']}`, head seed {res['head_seed']}): {', '.join(res['heads'])}", ""]
+           f"Heads (`{res['head_spec']}`, head seed {res['head_seed']}): {', '.join(res['heads'])}", "",
+           f"Probe examples: {PROBE_LAYOUTS[cfg.get('probe_layout', 'iti')]}, read at the last token.", ""]
     if res["probe_acc_of_heads"]:
         a = list(res["probe_acc_of_heads"].values())
         out += [f"Probe validation accuracy of these heads: mean {np.mean(a):.3f} (all heads: mean "
                 f"{float(acc.mean()):.3f}, max {float(acc.max()):.3f}).", ""]
     out += ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for label, m in res["metrics"].items():
-        out.append(f"| {label} | " + " | ".join(_fmt(m[k]) for k in METRICS) + " |")
+        mark = " (NOT CONVERGED)" if label == "ipo" and not (res.get("ipo") or {}).get("converged", True) else ""
+        out.append(f"| {label}{mark} | " + " | ".join(_fmt(m[k]) for k in METRICS) + " |")
     out += ["", "Truth, Info: fractions of test answers the judges call true / informative; MC1-3 from TruthfulQA's "
-            "multiple-choice targets; KL: mean per-token KL(base || edited) on the test questions' best answers, CE "
-            "the edited model's cross-entropy there (nats/token). Intervals: 95% bootstrap over questions.", ""]
+            "multiple-choice targets; KL: mean per-token KL(base || edited) on neutral text (the edit acting at "
+            "every position; `--kl-text` or editloc's neutral.txt), CE the edited model's cross-entropy there "
+            "(nats/token); KL_qa, CE_qa: the same on the test questions with their best answers (in-domain). "
+            "Intervals: 95% bootstrap over questions (texts for KL, CE).", ""]
     if res.get("ipo"):
         i = res["ipo"]
-        out += [f"IPO: tau {i['tau']}, lr {i['lr']:g}, {i['epochs']} epoch(s), {i['n_train']} training pairs, "
-                f"{i['steps']} steps in {i['seconds']:.0f}s; final train loss {i.get('train_loss', float('nan')):.4f}, "
-                f"validation preference accuracy {i.get('val_acc', float('nan')):.3f}.", ""]
+        r = i["rule"]
+        out += [ipo_status(i) + ".", "",
+                f"{i['n_train']} training pairs, batch {i['batch_size']}, budget {i['epochs']} epoch(s); "
+                f"{i['n_val']} validation pairs read every {r['every']} steps; stopping rule: no gain of "
+                f"{r['min_delta']:g} (relative) on the best validation loss for {r['patience']} validations in a "
+                f"row; the edit kept is the best checkpoint by validation loss.", ""]
     pics = pictures(res, d)
     out += pics + [""]
     for label, a in res["audit"].items():
@@ -651,6 +731,20 @@ def pictures(res: dict, d: Path) -> list[str]:
     write_file_atomic(d / "metrics.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     lines.append("![Truth vs Info, MC vs KL](metrics.png)")
+    grid = ((res.get("ipo") or {}).get("selection") or {}).get("grid")
+    if grid:  # the validation curve of every learning rate tried, the kept checkpoint marked
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for g in grid:
+            st, vl = zip(*g["curve"])
+            ax.plot(st, vl, marker=".", label=f"lr {g['lr']:g}" + ("" if g["converged"] else " (not converged)"))
+            ax.scatter([g["best_step"]], [g["val_loss"]], s=80, facecolors="none", edgecolors="k")
+        ax.set(xlabel="training step", ylabel="validation IPO loss",
+               title=f"IPO validation curves (chosen lr {res['ipo']['lr']:g}; circles: kept checkpoints)")
+        ax.legend()
+        fig.tight_layout()
+        write_file_atomic(d / "ipo_curve.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        plt.close(fig)
+        lines.append("![IPO validation curves](ipo_curve.png)")
     if (d / "probe" / "heatmap.png").exists():  # drawn with the probe results (probe.ProbeResult.save)
         lines.append("![probe accuracy with the chosen heads](probe/heatmap.png)")
     return lines
@@ -667,32 +761,56 @@ EXPERIMENTS = {
     "single-heads": "Fig. 4: IPO at random single heads vs the full-model figure",
     "mc": "Fig. 5: MC scores of probe-localized vs random heads under IPO",
 }
-SIZES = {  # (random sets, single heads, alphas, training pairs, epochs, test questions)
-    "quick": dict(n_random=4, n_single=6, alphas=(2.0, 5.0), max_pairs=256, epochs=1, n_test=48),
-    "default": dict(n_random=8, n_single=12, alphas=(1.0, 2.0, 5.0, 10.0, 15.0), max_pairs=1200, epochs=1, n_test=None),
-    "paper": dict(n_random=16, n_single=24, alphas=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0), max_pairs=None,
-                  epochs=2, n_test=None),
+SIZES = {  # random sets, single heads, ITI alphas, IPO taus, training pairs, step budget (epochs), test questions
+    "quick": dict(n_random=4, n_single=6, alphas=(2.0, 5.0), taus=(0.1,), max_pairs=256, epochs=2, n_test=48),
+    "default": dict(n_random=8, n_single=12, alphas=(1.0, 2.0, 5.0, 10.0, 15.0), taus=(0.1, 0.3, 0.5),
+                    max_pairs=1200, epochs=1, n_test=None),
+    "paper": dict(n_random=16, n_single=24, alphas=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0),
+                  taus=(0.1, 0.2, 0.3, 0.4, 0.5), max_pairs=None, epochs=2, n_test=None),
 }
 
 
 def experiment_runs(name: str, base: RunConfig, size: dict) -> list[tuple[str, RunConfig]]:
-    """The runs an experiment needs, as (run name, config). Runs are shared between experiments by name."""
+    """The runs an experiment needs, as (run name, config). Runs are shared between experiments by name. Every
+    IPO edit (the full model among them, the bound of the others) is trained at each of the size's taus with
+    the same learning-rate selection and stopping rule; every ITI edit at each alpha."""
     b = replace(base, max_pairs=size["max_pairs"], epochs=size["epochs"], n_test=size["n_test"])
     rand = [replace(b, heads="random16", head_seed=i + 1) for i in range(size["n_random"])]
+    full, probe16 = replace(b, heads="full", method="ipo"), replace(b, heads="probe16", method="ipo")
+
+    def ipo_runs(cs):
+        return [(c.slug(), c) for c in (replace(c, tau=t) for c in cs for t in size["taus"])]
+
+    def iti_runs(cs):
+        return [(f"{c.slug()}-a{alpha:g}", replace(c, alpha=alpha)) for c in cs for alpha in size["alphas"]]
+
     if name == "iti-localized-vs-random":
-        sets = [replace(b, heads="probe16", method="iti")] + [replace(c, method="iti") for c in rand]
-        return [(f"{c.slug()}-a{alpha:g}", replace(c, alpha=alpha)) for c in sets for alpha in size["alphas"]]
+        return iti_runs([replace(c, method="iti") for c in [probe16] + rand])
     if name == "ipo-vs-iti":
-        return [(c.slug(), c) for c in (replace(b, heads="full", method="ipo"), replace(b, heads="probe16", method="ipo"),
-                                        replace(b, heads="probe16", method="iti"))]
-    if name == "ipo-random":
-        return [(c.slug(), c) for c in [replace(b, heads="probe16")] + rand]
+        return ipo_runs([full, probe16]) + iti_runs([replace(probe16, method="iti")])
+    if name in ("ipo-random", "mc"):
+        return ipo_runs([full, probe16] + rand)
     if name == "single-heads":  # random1 with head seeds 1..n: n seeded random single heads
-        singles = [replace(b, heads="random1", head_seed=i + 1) for i in range(size["n_single"])]
-        return [(c.slug(), c) for c in [replace(b, heads="full")] + singles]
-    if name == "mc":
-        return experiment_runs("ipo-random", base, size)
+        return ipo_runs([full] + [replace(b, heads="random1", head_seed=i + 1) for i in range(size["n_single"])])
     raise UserError(f"experiment {name!r}: expected one of {', '.join(EXPERIMENTS)}")
+
+
+FULL_BOUND_TOL = 0.01  # relative slack of the full-model check (validation losses of stopped, not exact, optima)
+
+
+def full_model_check(rows: list[dict]) -> list[str]:
+    """The full model bounds every localized edit: the reparameterised edit at a head set (eq. 4.3) is a
+    restriction of the plain rank-1 LoRA on every layer (eq. 4.1, b^l = W^l b'^l), so at the optimum the full
+    model's validation IPO loss is at most any head set's at the same tau. Returns one line per violation
+    beyond FULL_BOUND_TOL (an under-trained reference: its edits are not optimal, nor the comparison fair)."""
+    bad = []
+    for f in (r for r in rows if r["heads"] == "full" and r["val_loss"] is not None):
+        for r in rows:
+            if r["heads"] != "full" and r["method"] == "ipo" and r["tau"] == f["tau"] and r["val_loss"] is not None \
+                    and f["val_loss"] > r["val_loss"] * (1 + FULL_BOUND_TOL):
+                bad.append(f"tau {f['tau']:g}: the full model's validation IPO loss {f['val_loss']:.4f} exceeds "
+                           f"{r['run']}'s {r['val_loss']:.4f}")
+    return bad
 
 
 def cmd_experiment(argv: list[str]) -> int:
@@ -736,26 +854,57 @@ def cmd_experiment(argv: list[str]) -> int:
         return 0
     path = experiment_report(a.name, runs, finished, out / f"exp-{size_name}" / f"{a.name}")
     log(f"experiment {a.name}: {path}")
+    table = json.loads((path.parent / "table.json").read_text())
+    if table["not_converged"]:
+        log(f"WARNING: {len(table['not_converged'])} IPO edit(s) did not converge: {', '.join(table['not_converged'])}")
+    if table["full_model_check"]:
+        log("WARNING: the full-model check FAILED (the full model must bound every localized edit's validation "
+            "loss; its reference is under-trained):\n  " + "\n  ".join(table["full_model_check"]))
     return 0
 
 
 def experiment_report(name: str, runs, res: dict, d: Path) -> Path:
-    """A table (and, with matplotlib, a picture) of one experiment from its finished runs."""
+    """A table (and, with matplotlib, a picture) of one experiment from its finished runs: every edit with its
+    convergence record, the best Truth*Info over tau (IPO) per head set, and the full-model check."""
     d.mkdir(parents=True, exist_ok=True)
     rows, lines = [], [f"# {name}: {EXPERIMENTS[name]}", ""]
     for rname, c in runs:
         r = res[rname]
         label = "iti" if c.method == "iti" else "ipo"
-        m = r["metrics"][label]
-        rows.append({"run": rname, "heads": c.heads, "head": ",".join(r["heads"]), "head_seed": c.head_seed, "method": c.method, "alpha": c.alpha,
-                     **{k: m[k]["value"] for k in METRICS}, "ci": {k: m[k]["ci95"] for k in METRICS},
+        m, i = r["metrics"][label], r.get("ipo") or {}
+        rows.append({"run": rname, "heads": c.heads, "head": ",".join(r["heads"]), "head_seed": c.head_seed,
+                     "method": c.method, "alpha": c.alpha if c.method == "iti" else None,
+                     "tau": c.tau if c.method == "ipo" else None, "lr": i.get("lr"), "steps": i.get("steps"),
+                     "converged": i.get("converged") if label == "ipo" else None, "val_loss": i.get("val_loss"),
+                     **{k: m[k]["value"] for k in METRICS if k in m}, "ci": {k: m[k]["ci95"] for k in METRICS if k in m},
                      "probe_acc": float(np.mean(list(r["probe_acc_of_heads"].values()))) if r["probe_acc_of_heads"] else None})
+    metrics = [k for k in METRICS if all(k in r for r in rows)]
     base = next(iter(res.values()))["metrics"]["base"]
-    lines += ["| run | heads | " + " | ".join(METRICS) + " |", "|---|---" + "|---" * len(METRICS) + "|"]
-    lines.append("| base | - | " + " | ".join(f"{base[k]['value']:.3f}" for k in METRICS) + " |")
+    lines += ["| run | heads | tau / alpha | converged | lr | val loss | " + " | ".join(metrics) + " |",
+              "|---" * (6 + len(metrics)) + "|"]
+    lines.append("| base | - | - | - | - | - | " + " | ".join(f"{base[k]['value']:.3f}" for k in metrics) + " |")
     for r in rows:
-        lines.append(f"| {r['run']} | {r['heads']} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS) + " |")
+        conv = "-" if r["converged"] is None else "yes" if r["converged"] else "**NO**"
+        knob = f"tau {r['tau']:g}" if r["method"] == "ipo" else f"alpha {r['alpha']:g}"
+        lines.append(f"| {r['run']} | {r['heads']} | {knob} | {conv} | " + (f"{r['lr']:g}" if r["lr"] else "-") +
+                     " | " + (f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-") + " | "
+                     + " | ".join(f"{r[k]:.3f}" for k in metrics) + " |")
     lines.append("")
+    unconverged = [r["run"] for r in rows if r["converged"] is False]
+    if unconverged:
+        lines += [f"**{len(unconverged)} IPO edit(s) did NOT converge** (step budget spent while the validation loss "
+                  f"still fell): {', '.join(unconverged)}. Their figures understate what an edit there can do.", ""]
+    # the best Truth*Info over tau (IPO) or alpha (ITI) of each edit location, as the paper's Fig. 2-4 read it
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["method"], r["heads"], r["head_seed"])
+        if k not in best or r["truth_info"] > best[k]["truth_info"]:
+            best[k] = r
+    knob = lambda r: f"tau {r['tau']:g}" if r["method"] == "ipo" else f"alpha {r['alpha']:g}"
+    lines += ["Best Truth*Info over " + ("tau / alpha" if len({r["method"] for r in rows}) > 1 else
+                                         "tau" if rows[0]["method"] == "ipo" else "alpha") + " per edit: "
+              + "; ".join(f"{r['method']} {r['heads']}" + (f" (head seed {r['head_seed']})" if r["heads"].startswith(
+                  "random") else "") + f" {r['truth_info']:.3f} at {knob(r)}" for r in best.values()), ""]
     loc = [r for r in rows if r["heads"] == "probe16"]
     rnd = [r for r in rows if r["heads"] == "random16"]
     if name == "iti-localized-vs-random":
@@ -768,39 +917,59 @@ def experiment_report(name: str, runs, res: dict, d: Path) -> Path:
                              f"(min {min(rr):.3f}, max {max(rr):.3f}); p(random >= localized) = {p:.3f}")
     if name in ("ipo-random", "mc"):
         key = "truth_info" if name == "ipo-random" else "mc2"
-        if loc and rnd:
-            rr = [r[key] for r in rnd]
-            p = (1 + sum(x >= loc[0][key] for x in rr)) / (1 + len(rr))
-            lines.append(f"{key}: probe16 {loc[0][key]:.3f}, random sets mean {np.mean(rr):.3f} "
+        bl = [r for r in best.values() if r["heads"] == "probe16"]
+        br = [r for r in best.values() if r["heads"] == "random16"]
+        if bl and br:
+            rr = [r[key] for r in br]
+            p = (1 + sum(x >= bl[0][key] for x in rr)) / (1 + len(rr))
+            lines.append(f"{key} (best over tau): probe16 {bl[0][key]:.3f}, random sets mean {np.mean(rr):.3f} "
                          f"(min {min(rr):.3f}, max {max(rr):.3f}); p(random >= probe16) = {p:.3f}")
-        if name == "mc":
+        if name == "mc" and loc and rnd:
             for k in ("mc1", "mc2", "mc3"):
-                lines.append(f"{k}: probe16 {loc[0][k]:.3f} vs random {np.mean([r[k] for r in rnd]):.3f}")
+                lines.append(f"{k}: probe16 {np.mean([r[k] for r in loc]):.3f} vs random "
+                             f"{np.mean([r[k] for r in rnd]):.3f} (means over tau)")
     if name == "single-heads":
-        full = next(r for r in rows if r["heads"] == "full")
+        full = max((r for r in rows if r["heads"] == "full"), key=lambda r: r["truth_info"])
         lo = full["ci"]["truth_info"][0]
-        singles = [r for r in rows if r["heads"] == "random1"]
+        singles = [r for r in best.values() if r["heads"] == "random1"]
         within = [r for r in singles if r["truth_info"] >= lo]
         lines.append(f"{len(within)}/{len(singles)} single heads reach the full-model Truth*Info interval "
-                     f"(>= {lo:.3f}); their probe accuracies: "
+                     f"(>= {lo:.3f}, best over tau); their probe accuracies: "
                      + ", ".join(f"{r['head']} {r['probe_acc']:.3f}" for r in within))
-    write_json(d / "table.json", {"rows": rows, "base": {k: base[k]["value"] for k in METRICS}})
+    check = full_model_check(rows)
+    if any(r["heads"] == "full" for r in rows):
+        lines += ["", "## Full-model check", "",
+                  "The edit at a head set is a restriction of the plain rank-1 LoRA on every layer, so the full "
+                  "model's validation IPO loss must be at most every head set's at the same tau (checked with "
+                  f"{FULL_BOUND_TOL:.0%} slack). "
+                  + ("It holds for every edit." if not check else
+                     f"**FAILED** ({len(check)}): the full-model reference is under-trained, so no edit here may be "
+                     "read as 'as good as the full model'.\n\n" + "\n".join(f"- {x}" for x in check))]
+    write_json(d / "table.json", {"rows": rows, "base": {k: base[k]["value"] for k in metrics},
+                                  "full_model_check": check, "not_converged": unconverged})
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+        color = lambda r: "C3" if r["heads"] in ("probe16", "full") else "C2" if r["heads"] == "random1" else "C0"
+        for k in best:  # Truth vs Info along each edit's tau (or alpha) curve
+            cur = sorted((r for r in rows if (r["method"], r["heads"], r["head_seed"]) == k),
+                         key=lambda r: r["tau"] if r["method"] == "ipo" else r["alpha"])
+            ls = "--" if k[0] == "iti" else "-"
+            ax[1].plot([r["info"] for r in cur], [r["truth"] for r in cur], ls, marker="o", c=color(cur[0]), ms=4,
+                       mfc="none" if any(r["converged"] is False for r in cur) else color(cur[0]))
         for r in rows:
-            color = "C3" if r["heads"] in ("probe16", "full") else "C2" if r["heads"] == "random1" else "C0"
-            ax[0].scatter(r["alpha"] if name.startswith("iti") else r["probe_acc"] or 0, r["truth_info"], c=color, s=20)
-            ax[1].scatter(r["info"], r["truth"], c=color, s=20)
-            ax[2].scatter(r["kl"], r["mc2"], c=color, s=20)
+            x = r["alpha"] if name.startswith("iti") else r["probe_acc"] or 0
+            ax[0].scatter(x, r["truth_info"], c=color(r), s=20, marker="o" if r["converged"] is not False else "x")
+            ax[2].scatter(r["kl"], r["mc2"], c=color(r), s=20)
         ax[0].set(xlabel="alpha" if name.startswith("iti") else "mean probe accuracy of the heads", ylabel="Truth*Info")
-        ax[1].set(xlabel="Info", ylabel="Truth")
-        ax[2].set(xlabel="KL", ylabel="MC2")
-        fig.suptitle(f"{name} (red: probe-localized / full model, blue: random, green: single heads)")
+        ax[1].set(xlabel="Info", ylabel="Truth", title="Truth-Info curves over tau (IPO, solid) / alpha (ITI, dashed)")
+        ax[2].set(xlabel="KL on neutral text", ylabel="MC2")
+        fig.suptitle(f"{name} (red: probe-localized / full model, blue: random, green: single heads; "
+                     "x / hollow: not converged)")
         fig.tight_layout()
         fig.savefig(d / "figure.png", dpi=100)
         plt.close(fig)
@@ -820,7 +989,15 @@ def cmd_run(argv: list[str]) -> int:
     add_run_args(p)
     a = p.parse_args(argv)
     cfg = config_from_args(a)
-    run(cfg, Path(a.out), a.name)
+    if len(a.tau) == 1:
+        run(cfg, Path(a.out), a.name)
+        return 0
+    if cfg.method == "iti":
+        raise UserError("--tau with several values: tau is IPO's; use it with --method ipo or both")
+    ctx, res = Context(cfg), {}
+    for tau in a.tau:
+        res[tau] = run(replace(cfg, tau=tau), Path(a.out), f"{a.name}-t{tau:g}" if a.name else None, ctx)
+    log(tau_summary(res))
     return 0
 
 

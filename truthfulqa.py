@@ -8,7 +8,8 @@ prompt protocol (few-shot primer, instructions, judge formats).
 What this module gives the rest of editloc:
   questions  `load_questions` -> `Question`s (qid = row index in the CSV)
   split      `make_split`: a seeded 60/20/20 split by question, saved with every result (`Split.to_dict`)
-  probing    `probe_examples`: every true (label 1) and false (label 0) answer of each question, "Q: ...\\nA: ..."
+  probing    `probe_examples`: every true (label 1) and false (label 0) answer of each question, laid out as
+             the paper's (x, y, x_random) "Q: ...\\nA: ...\\nQ: <another question>" or ITI's "Q: ...\\nA: ..."
   IPO        `preference_pairs`: every (true, false) answer pair of each question, (x, y+, y-)
   prompts    `load_prompts`: generation prompt = instruction + primer + "Q: {question}\\nA:"; judge formats
   judges     `load_judge_lines`: (question, answer, label) lines of finetune_{truth,info}.jsonl
@@ -27,7 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VERSIONS = ("v0", "v1")
 COLUMNS = ("Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers")
-PROBE_LAYOUT = "Q: {question}\nA: {answer}"  # ITI's layout is "Q: {question} A: {answer}"; ours matches the prompts
+# Probe texts (`probe_examples`). "paper": Wang & Veitch's (x, y, x_random), the question, the answer, then another
+# question drawn at random; "iti": the question and the answer (ITI writes "Q: {question} A: {answer}"; ours
+# matches the prompts). Probes read the last token, so "paper" reads at the end of the random question.
+PROBE_LAYOUTS = {"paper": "Q: {question}\nA: {answer}\nQ: {other}", "iti": "Q: {question}\nA: {answer}"}
+PROBE_LAYOUT = PROBE_LAYOUTS["iti"]  # in Prompts.layout_id (kept, so that cache keys built on it stay valid)
 
 
 def _log(msg: str) -> None:
@@ -236,17 +241,40 @@ def load_prompts(data: str | os.PathLike | None = None, instruction: str = "defa
 
 @dataclass
 class ProbeExample:
+    """One probe text; probes read the last token's head outputs o_h^l. text is PROBE_LAYOUTS[layout]: "paper"
+    "Q: {question}\\nA: {answer}\\nQ: {other}" (other_qid: the random question), "iti" "Q: {question}\\nA: {answer}"."""
     qid: int
-    text: str  # "Q: {question}\nA: {answer}": probes read the last token's head outputs o_h^l
+    text: str
     label: int  # 1 true answer, 0 false answer
+    other_qid: int | None = None  # "paper": the qid of the random question after the answer; "iti": None
 
 
-def probe_examples(questions: list[Question], qids: list[int]) -> list[ProbeExample]:
+def probe_examples(questions: list[Question], qids: list[int], layout: str = "paper", seed: int = 0
+                   ) -> list[ProbeExample]:
     """Every true and every false reference answer of each question in `qids` (in that order), as ITI's
-    tqa_gen datasets do."""
-    return [ProbeExample(qid=q.qid, text=PROBE_LAYOUT.format(question=q.question, answer=a), label=label)
-            for q in _by_qid(questions, qids) for label, answers in ((1, q.correct), (0, q.incorrect))
-            for a in answers]
+    tqa_gen datasets do, laid out as PROBE_LAYOUTS[layout].
+
+    "paper" appends x_random: a question drawn uniformly from the other questions of `qids` (never one outside
+    them, so nothing leaks in from another part of the split), for the j-th example of question qid by
+    random.Random(f"probe-other:{seed}:{qid}:{j}") from the sorted other qids: deterministic under `seed` and
+    independent of the order of `qids`."""
+    if layout not in PROBE_LAYOUTS:
+        raise ValueError(f"probe layout {layout!r}: expected one of {sorted(PROBE_LAYOUTS)}")
+    qs = _by_qid(questions, qids)
+    pool = sorted(set(qids))  # the candidates for x_random
+    if layout == "paper" and len(pool) < 2:
+        raise ValueError(f"probe layout 'paper' needs at least 2 questions to draw x_random from, got qids {pool}")
+    index = {q.qid: q for q in qs}
+    out = []
+    for q in qs:
+        others = [i for i in pool if i != q.qid]
+        answers = [(1, a) for a in q.correct] + [(0, a) for a in q.incorrect]
+        for j, (label, a) in enumerate(answers):
+            other = random.Random(f"probe-other:{seed}:{q.qid}:{j}").choice(others) if layout == "paper" else None
+            text = PROBE_LAYOUTS[layout].format(question=q.question, answer=a,
+                                                other=index[other].question if other is not None else "")
+            out.append(ProbeExample(qid=q.qid, text=text, label=label, other_qid=other))
+    return out
 
 
 @dataclass

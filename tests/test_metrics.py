@@ -108,7 +108,7 @@ def test_mc_edit_changes_scores(model, tok):
 # ---- KL and CE ---------------------------------------------------------------------------------------------
 
 def test_kl_zero_for_zero_edit_positive_otherwise(model, tok):
-    texts = metrics.kl_texts(make_questions()) + ["Some neutral text without an answer."]
+    texts = metrics.qa_texts(make_questions()) + ["Some neutral text without an answer."]
     none = metrics.kl_ce(model, tok, texts, progress=False)
     zero = metrics.kl_ce(model, tok, texts, edit=ConstEdit(1, torch.zeros(model.cfg.d_model)), progress=False)
     assert zero["kl"] == 0.0 and zero["ce"] == pytest.approx(none["ce"])

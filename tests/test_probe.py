@@ -1,5 +1,6 @@
 """Probes: batched Newton fit against an independent optimiser, planted signal, activation collection, head sets."""
 import json
+import math
 
 import pytest
 import torch
@@ -86,13 +87,17 @@ def tiny(tmp_path_factory):
     return Llama.from_pretrained(write_tiny(tmp_path_factory.mktemp("tiny"), tiny_config()))
 
 
-def examples(n_questions=7):
+def examples(n_questions=7, paper=False):
+    """Answers sharing beginnings; with `paper`, each text goes on with another question (x, y, x_random)."""
     out = []
+    question = [f"question {q}?" + "x" * q for q in range(n_questions)]
     for q in range(n_questions):
-        question = f"question {q}?" + "x" * q
         for j in range(1 + q % 4):
             for label in (0, 1):
-                out.append(tqa.ProbeExample(q, f"Q: {question}\nA: {'ab' * (j + label)}c{q}", label))
+                text = f"Q: {question[q]}\nA: {'ab' * (j + label)}c{q}"
+                other = (q + 1 + 2 * j + label) % n_questions if paper else None
+                out.append(tqa.ProbeExample(q, text if other is None else f"{text}\nQ: {question[other]}", label,
+                                            other))
     return out
 
 
@@ -111,6 +116,22 @@ def test_collect_equals_plain_forward_and_caches(tiny, tmp_path, monkeypatch):
     assert torch.allclose(X2[0], tiny(torch.tensor([tok.encode(ex[0].text)]), output="probe")[0], atol=1e-5)
 
 
+def test_collect_paper_layout_reads_the_random_questions_last_token(tiny):
+    """Texts going on past the answer ("...\\nA: y\\nQ: x_random"): still one plain forward per full text, read at
+    its very last token (x_random's), with each question's "Q: ...\\nA:" run once as the shared prefix."""
+    from llama import shared_prefix_len
+
+    tok, ex, iti = CharTok(), examples(paper=True), examples()
+    assert all(e.text.startswith(i.text + "\nQ: question ") for e, i in zip(ex, iti))
+    for q in range(7):
+        mine = [tok.encode(e.text) for e in ex if e.qid == q]
+        assert shared_prefix_len(mine) >= len(f"Q: question {q}?" + "x" * q + "\nA:")
+    X = probe.collect(tiny, tok, ex, batch_size=3, progress=False)  # [N, L, H, D]
+    ref = torch.cat([tiny(torch.tensor([tok.encode(e.text)]), output="probe") for e in ex])
+    assert X.shape == ref.shape and torch.allclose(X, ref, atol=1e-5)
+    assert not torch.allclose(X, probe.collect(tiny, tok, iti, batch_size=3, progress=False), atol=1e-3)
+
+
 def test_probe_heads_and_save(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
     try:
@@ -119,18 +140,27 @@ def test_probe_heads_and_save(tiny, tmp_path, monkeypatch):
         pytest.skip(str(e))
     split = tqa.Split(seed=0, train=list(range(40)), val=list(range(40, 50)), test=list(range(50, 60)))
     res = probe.probe_heads(tiny, CharTok(), questions, split, model_name="tiny", version="v0", seed=1)
+    assert res.meta["layout"] == "paper" and res.meta["seed"] == 1
     L, H = tiny.cfg.n_layers, tiny.cfg.n_heads
     assert res.acc.shape == (L, H) and len(res.qids) == res.X.shape[0] == len(res.y)
     ptrain = {res.qids[i] for i in res.train_idx.tolist()}
     pval = {res.qids[i] for i in res.val_idx.tolist()}
     assert not ptrain & pval and ptrain | pval == set(split.train) and len(ptrain) == 32
     assert len(res.train_idx) + len(res.val_idx) == len(res.qids)
-    cached = list((tmp_path / "cache" / "activations").iterdir())
+    cached = sorted((tmp_path / "cache" / "activations").iterdir())
     assert len(cached) == 1
-    # the cache key is the texts' digest, not the split seed: another seed reuses the file
-    res2 = probe.probe_heads(tiny, CharTok(), questions, split, model_name="tiny", version="v0", seed=2)
-    assert list((tmp_path / "cache" / "activations").iterdir()) == cached and torch.equal(res2.X, res.X)
+    # the cache key is the texts' digest: the layouts cache apart; ITI's texts do not depend on the seed, so
+    # another seed reuses its file (with other probe-val questions); the paper's x_random does
+    iti = probe.probe_heads(tiny, CharTok(), questions, split, model_name="tiny", version="v0", seed=1, layout="iti")
+    assert iti.meta["layout"] == "iti" and iti.qids == res.qids and torch.equal(iti.y, res.y)
+    assert not torch.equal(iti.X, res.X) and iti.meta["cache_key"] != res.meta["cache_key"]
+    cached = sorted((tmp_path / "cache" / "activations").iterdir())
+    assert len(cached) == 2
+    res2 = probe.probe_heads(tiny, CharTok(), questions, split, model_name="tiny", version="v0", seed=2, layout="iti")
+    assert sorted((tmp_path / "cache" / "activations").iterdir()) == cached and torch.equal(res2.X, iti.X)
     assert {res2.qids[i] for i in res2.val_idx.tolist()} != pval
+    probe.probe_heads(tiny, CharTok(), questions, split, model_name="tiny", version="v0", seed=2)
+    assert len(list((tmp_path / "cache" / "activations").iterdir())) == 3
     mask = probe.parse_heads("probe2", L, H, res.acc)
     out = res.save(tmp_path / "run", mask)
     d = json.loads((out / "probe_acc.json").read_text())
@@ -139,7 +169,7 @@ def test_probe_heads_and_save(tiny, tmp_path, monkeypatch):
     assert d["chosen"] == chosen and set(chosen) == set(d["ranking"][:2])
     ranked = [float(res.acc[int(l), int(h)]) for l, h in (s.split(".") for s in d["ranking"])]
     assert len(ranked) == L * H and ranked == sorted(ranked, reverse=True)
-    assert d["split"] == split.to_dict()
+    assert d["split"] == split.to_dict() and d["meta"]["layout"] == "paper"
     assert d["probe_val_qids"] == probe.probe_split(split.train, 1)[1] == [2, 6, 7, 9, 15, 18, 19, 20]
     assert sorted(d["probe_train_qids"] + d["probe_val_qids"]) == split.train
     from safetensors.torch import load_file
@@ -168,6 +198,30 @@ def test_parse_heads():
     # ranking ties: lower layer, then lower head first
     tied = torch.tensor([[0.5, 0.7, 0.7], [0.7, 0.2, 0.5]])
     assert probe.rank_heads(tied) == [(0, 1), (0, 2), (1, 0), (0, 0), (1, 2), (1, 1)]
+
+
+def test_compare_rankings():
+    acc = torch.rand(30, 9, generator=torch.Generator().manual_seed(0))
+    same = probe.compare_rankings(acc, acc.clone())
+    assert same["k"] == same["overlap"] == 16 and same["spearman"] == pytest.approx(1.0)
+    assert same["shared"] == probe.head_list(probe.parse_heads("probe16", 30, 9, acc)) and same["mean_abs_diff"] == 0
+    # reversed rankings, by hand: rho = -1, no common top-4 head, all 12 in the top 12
+    a = torch.arange(12.0).reshape(3, 4) / 12
+    b = a.flip(0, 1)
+    rev = probe.compare_rankings(a, b, k=4)
+    assert rev["spearman"] == pytest.approx(-1.0) and rev["overlap"] == 0 and rev["shared"] == []
+    assert rev["mean_abs_diff"] == pytest.approx(float((a - b).abs().mean()))
+    assert probe.compare_rankings(a, b, k=12)["overlap"] == 12
+    # ties share their mean rank: a ranks (1.5, 1.5, 3, 4), b (1, 2, 3, 4); rho = 4.5 / sqrt(4.5 * 5)
+    assert probe._average_ranks(torch.tensor([3.0, 1, 3, 2, 3])).tolist() == [4, 1, 4, 2, 4]
+    tied = probe.compare_rankings(torch.tensor([[0.5, 0.5], [0.7, 0.9]]), torch.tensor([[0.1, 0.2], [0.3, 0.4]]), k=2)
+    assert tied["spearman"] == pytest.approx(0.9 ** 0.5) and tied["mean_abs_diff"] == pytest.approx(0.4)
+    assert tied["overlap"] == 2 and tied["shared"] == ["1.0", "1.1"]
+    assert math.isnan(probe.compare_rankings(torch.full((2, 2), 0.5), a[:2, :2], k=1)["spearman"])  # constant
+    with pytest.raises(ValueError, match="one shape"):
+        probe.compare_rankings(a, a[:2])
+    with pytest.raises(ValueError, match="k=13 must be between 1 and 12"):
+        probe.compare_rankings(a, b, k=13)
 
 
 def test_heatmap_without_matplotlib(tmp_path, monkeypatch, capsys):

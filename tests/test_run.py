@@ -46,10 +46,18 @@ def test_user_errors_are_one_line_exit_2(argv, msg, capsys):
     assert len(err) == 1 and msg in err[0] and "Traceback" not in err[0]
 
 
-def test_bad_flag_value_exits_2(capsys):
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--tau", "-1", "expected a finite number > 0"), ("--tau", "0.1,0", "expected a finite number > 0"),
+    ("--tau", "0.1,,0.3", "comma-separated list"), ("--lr", "", "comma-separated list"),
+    ("--lr", "1e-3,nan", "expected a finite number > 0"), ("--patience", "0", "integer >= 1"),
+    ("--eval-every", "0", "integer >= 1"), ("--lora-scale", "0", "> 0"),
+])
+def test_bad_flag_value_exits_2(flag, value, expected, capsys):
     with pytest.raises(SystemExit) as e:
-        run.main(["--heads", "random16", "--tau", "-1"])
+        run.main(["--heads", "random16", flag, value])
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and expected in err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,8 +110,11 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monke
     import judge
 
     monkeypatch.setattr(judge, "BACKBONE", str(tiny_model))  # Context.judges then shares the run's model
+    kl_text = tmp_path / "neutral.txt"
+    kl_text.write_text("The bakery opens at seven and sells bread.\nRain is expected over the hills tonight.\n")
     argv = ["--heads", "random2", "--method", "both", "--model", str(tiny_model), "--data", str(data), "--max-pairs", "8",
-            "--dtype", "fp32", "--out", str(tmp_path / "runs"), "--name", "t"]
+            "--dtype", "fp32", "--out", str(tmp_path / "runs"), "--name", "t", "--kl-text", str(kl_text),
+            "--lr", "0.01,0.3", "--epochs", "6", "--eval-every", "2", "--patience", "2"]
     assert run.main(argv) == 0
     d = tmp_path / "runs" / "t"
     res = json.loads((d / "results.json").read_text())
@@ -122,8 +133,15 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monke
         assert abs(sum(r["share"] for r in a["rows"]) - 1) < 1e-6
     gens = [json.loads(l) for l in (d / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 3 * len(res["split"]["test"])
+    i = res["ipo"]
+    assert i["selection"]["chosen_lr"] == i["lr"] and [g["lr"] for g in i["selection"]["grid"]] == [0.01, 0.3]
+    assert i["val_loss"] == min(g["val_loss"] for g in i["selection"]["grid"]) < i["curve"][0]["val_loss"]
+    assert i["curve"][0]["step"] == 0 and all(r["step"] % 2 == 0 or r["step"] == i["budget"] for r in i["curve"])
     report = (d / "report.md").read_text()
-    assert "| base |" in report and "| ipo |" in report and "Audit of the ipo edit" in report
+    assert "| base |" in report and "| ipo" in report and "Audit of the ipo edit" in report
+    assert ("IPO converged" if i["converged"] else "IPO NOT CONVERGED") in report
+    assert "(NOT CONVERGED)" in report or i["converged"]
+    assert "the paper's (x, y, x_random)" in report
     for f in ("config.json", "split.json", "ipo/edit.safetensors", "iti/edit.safetensors", "probe/probe_acc.json"):
         assert (d / f).exists(), f
 
@@ -157,7 +175,8 @@ def test_experiment_runs_and_report(name, tmp_path):
         m = {k: {"value": float(torch.rand(1, generator=rng)), "ci95": [0.1, 0.9]} for k in run.METRICS}
         label = "iti" if c.method == "iti" else "ipo"
         heads = ["1.2"] if c.heads == "random1" else ["1.2", "3.4"]
-        return {"metrics": {"base": m, label: m}, "heads": heads,
+        ipo = {"lr": 1e-3, "steps": 100, "converged": c.head_seed != 2, "val_loss": 20.0 + (c.heads != "full")}
+        return {"metrics": {"base": m, label: m}, "heads": heads, "ipo": ipo if label == "ipo" else None,
                 "probe_acc_of_heads": {} if c.heads == "full" else {h: 0.6 for h in heads}}
 
     res = {r: fake(c) for r, c in runs}
@@ -170,3 +189,47 @@ def test_experiment_runs_and_report(name, tmp_path):
         assert "p(random >= " in text
     if name == "single-heads":
         assert "single heads reach the full-model Truth*Info interval" in text
+    ipo_runs = [c for _, c in runs if c.method == "ipo"]
+    if ipo_runs:  # every IPO experiment trains the full-model bound, at each tau, and checks it
+        assert {c.tau for c in ipo_runs if c.heads == "full"} == set(size["taus"])
+        assert "## Full-model check" in text and "It holds for every edit." in text and not table["full_model_check"]
+        assert ("did NOT converge" in text) == any(c.head_seed == 2 for c in ipo_runs)
+
+
+def test_full_model_check_fails_on_an_undertrained_reference(tmp_path):
+    """A full-model edit whose validation loss is above a head set's (beyond the 1% slack) fails the check,
+    loudly in the report, table.json and the experiment's exit message."""
+    size = dict(run.SIZES["quick"], n_random=1, taus=(0.1, 0.5))
+    runs = run.experiment_runs("ipo-random", run.RunConfig(), size)
+    val = {"full": 19.0, "probe16": 18.0, "random16": 20.0}  # at tau 0.1 the full model loses to probe16
+    m = {k: {"value": 0.5, "ci95": [0.4, 0.6]} for k in run.METRICS}
+    res = {r: {"metrics": {"base": m, "ipo": m}, "heads": ["1.2"], "probe_acc_of_heads": {},
+               "ipo": {"lr": 1e-3, "steps": 10, "converged": True,
+                       "val_loss": val[c.heads] if c.tau == 0.1 else 0.9 + 0.1 * (c.heads != "full")}}
+           for r, c in runs}
+    text = run.experiment_report("ipo-random", runs, res, tmp_path / "x").read_text()
+    check = json.loads((tmp_path / "x" / "table.json").read_text())["full_model_check"]
+    assert "**FAILED** (1)" in text and len(check) == 1 and "tau 0.1" in check[0] and "probe16" in check[0]
+    # within the slack (1% of 0.9 > 0.0089) it holds; a slightly lower head-set loss is not a failure
+    for r, c in runs:
+        res[r]["ipo"]["val_loss"] = {"full": 0.9089, "probe16": 0.9, "random16": 0.95}[c.heads]
+    run.experiment_report("ipo-random", runs, res, tmp_path / "y")
+    assert json.loads((tmp_path / "y" / "table.json").read_text())["full_model_check"] == []
+
+
+def test_tau_list_runs_one_run_per_tau(tmp_path, monkeypatch, capsys):
+    """--tau 0.1,0.5 does one run per tau (named by it) on one shared context, then the curve over tau."""
+    calls = []
+
+    def fake_run(cfg, out, name, ctx=None):
+        calls.append((cfg.tau, name, ctx))
+        m = {k: {"value": cfg.tau, "ci95": [0, 1]} for k in run.METRICS}
+        return {"metrics": {"ipo": m}, "ipo": {"converged": cfg.tau < 0.3}}
+
+    monkeypatch.setattr(run, "run", fake_run)
+    monkeypatch.setattr(run, "Context", lambda cfg: "ctx")
+    assert run.main(["--heads", "random16", "--tau", "0.1,0.5", "--name", "x", "--dtype", "fp32"]) == 0
+    assert calls == [(0.1, "x-t0.1", "ctx"), (0.5, "x-t0.5", "ctx")]
+    err = capsys.readouterr().err
+    assert "tau 0.5: Truth 0.500" in err and "(not converged)" in err and "best Truth*Info over tau: 0.500 at tau 0.5" in err
+    assert run.RunConfig(tau=0.3).slug().endswith("-t0.3") and "-t" not in run.RunConfig(method="iti").slug()

@@ -82,17 +82,57 @@ def test_preference_pairs_v0(v0, capsys):
 
 def test_probe_examples(v0):
     qids = [99, 5, 17]  # not sorted: the examples keep this order
-    ex = tqa.probe_examples(v0, qids)
     by_q = {q.qid: q for q in v0}
-    assert len(ex) == sum(len(by_q[i].correct) + len(by_q[i].incorrect) for i in qids)
-    assert list(dict.fromkeys(e.qid for e in ex)) == qids  # each question's examples together, in qids order
-    for i in qids:  # true answers (label 1) first, then false ones, in the CSV order
-        q = by_q[i]
-        mine = [e for e in ex if e.qid == i]
-        assert [e.label for e in mine] == [1] * len(q.correct) + [0] * len(q.incorrect)
-        assert [e.text for e in mine] == [f"Q: {q.question}\nA: {a}" for a in q.correct + q.incorrect]
+    for layout in ("iti", "paper"):
+        ex = tqa.probe_examples(v0, qids, layout=layout)
+        assert len(ex) == sum(len(by_q[i].correct) + len(by_q[i].incorrect) for i in qids)
+        assert list(dict.fromkeys(e.qid for e in ex)) == qids  # each question's examples together, in qids order
+        for i in qids:  # true answers (label 1) first, then false ones, in the CSV order
+            q = by_q[i]
+            mine = [e for e in ex if e.qid == i]
+            assert [e.label for e in mine] == [1] * len(q.correct) + [0] * len(q.incorrect)
+            qa = [f"Q: {q.question}\nA: {a}" for a in q.correct + q.incorrect]
+            if layout == "iti":  # exactly the old texts
+                assert [e.text for e in mine] == qa and all(e.other_qid is None for e in mine)
+            else:
+                assert [e.text for e in mine] == [t + f"\nQ: {by_q[e.other_qid].question}" for t, e in zip(qa, mine)]
+    assert tqa.PROBE_LAYOUT == tqa.PROBE_LAYOUTS["iti"] == "Q: {question}\nA: {answer}"
     with pytest.raises(ValueError, match="not among"):
         tqa.probe_examples(v0, [9999])
+
+
+def test_probe_examples_paper_layout(v0):
+    """(x, y, x_random): x_random is another question of the same qids, drawn under the seed."""
+    by_q = {q.qid: q for q in v0}
+    qids = tqa.make_split(v0, seed=0).train
+    ex = tqa.probe_examples(v0, qids)  # "paper" is the default
+    assert ex == tqa.probe_examples(v0, qids, layout="paper", seed=0)
+    inside = set(qids)
+    for e in ex:
+        q = by_q[e.qid]
+        head, tail = e.text.rsplit("\nQ: ", 1)
+        x = f"Q: {q.question}\nA: "
+        assert head.startswith(x) and head[len(x):] in q.correct + q.incorrect
+        assert e.other_qid in inside and e.other_qid != e.qid and tail == by_q[e.other_qid].question
+        assert tail != q.question
+    assert len({e.other_qid for e in ex}) > 0.5 * len(qids)  # drawn across the questions, not a few
+    # deterministic for a seed, independent of the order of qids, changed by another seed
+    assert tqa.probe_examples(v0, qids, seed=0) == ex
+    again = {(e.qid, e.label, e.text) for e in tqa.probe_examples(v0, list(reversed(qids)))}
+    assert again == {(e.qid, e.label, e.text) for e in ex}
+    other = tqa.probe_examples(v0, qids, seed=1)
+    assert [e.other_qid for e in other] != [e.other_qid for e in ex]
+    assert [e.text.rsplit("\nQ: ", 1)[0] for e in other] == [e.text.rsplit("\nQ: ", 1)[0] for e in ex]
+    # two questions: each draws the other
+    two = tqa.probe_examples(v0, [3, 8])
+    assert all(e.other_qid == (8 if e.qid == 3 else 3) for e in two)
+    with pytest.raises(ValueError, match="at least 2 questions"):
+        tqa.probe_examples(v0, [3])
+    with pytest.raises(ValueError, match="at least 2 questions"):
+        tqa.probe_examples(v0, [3, 3])
+    assert tqa.probe_examples(v0, [3], layout="iti")  # ITI's layout needs no other question
+    with pytest.raises(ValueError, match=r"probe layout 'ITI': expected one of \['iti', 'paper'\]"):
+        tqa.probe_examples(v0, [3, 8], layout="ITI")
 
 
 def test_prompts(data):
