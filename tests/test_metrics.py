@@ -161,6 +161,25 @@ def test_kl_newest_edit_acts_from_the_prompts_last_token(model, tok):
     assert got["kl"] == pytest.approx(kl.mean().item(), rel=1e-4)
 
 
+def test_kl_on_the_neutral_text_every_position(model, tok):
+    """The shipped neutral text: a zero edit gives KL exactly 0; with every_position a "newest" edit (ITI) acts
+    at every position even where a line reads "...A:" (off-target text, as ITI measures it)."""
+    texts = [l for l in metrics.NEUTRAL_TEXT.read_text(encoding="utf-8").splitlines() if l.strip()]
+    assert len(texts) == 200 and not any("\nA:" in t or t.startswith(("Q:", "A:")) for t in texts)
+    zero = metrics.kl_ce(model, tok, texts[:8], edit=ConstEdit(1, torch.zeros(model.cfg.d_model), "newest"),
+                         progress=False, every_position=True)
+    assert zero["kl"] == 0.0 and all(k == 0.0 for k in zero["per_text"]["kl"])
+    text = "Q: Why?\nA: Because."
+    edit = ConstEdit(0, torch.ones(model.cfg.d_model), "newest")
+    got = metrics.kl_ce(model, tok, [text], edit=edit, progress=False, every_position=True)
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        base = model(ids).float().log_softmax(-1)[0, :-1]
+        ed = model(ids, edit=edit, edit_mask=torch.ones_like(ids, dtype=torch.bool)).float().log_softmax(-1)[0, :-1]
+    kl = (base.exp() * (base - ed)).sum(-1)  # [T-1]
+    assert kl.min().item() > 0 and got["kl"] == pytest.approx(kl.mean().item(), rel=1e-4)
+
+
 def test_kl_rejects_empty_input(model, tok):
     with pytest.raises(ValueError, match="no texts"):
         metrics.kl_ce(model, tok, [], progress=False)
