@@ -467,9 +467,10 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
 @dataclass(frozen=True)
 class StopRule:
     """When an edit counts as converged: the validation IPO loss, measured every `every` steps on the fixed
-    validation pairs, has not fallen below (1 - min_delta) times its best for `patience` evaluations in a row.
-    The best checkpoint by validation loss is the edit kept. A run that reaches its step budget first is
-    recorded as not converged."""
+    validation pairs, has not fallen below (1 - min_delta) times its best for `patience` evaluations in a row,
+    counted from its first such gain over the zero edit (b = 0 starts on a plateau that a small learning rate
+    leaves slowly; that is no optimum). The best checkpoint by validation loss is the edit kept. A run that
+    reaches its step budget first is recorded as not converged."""
     every: int = 25
     patience: int = 4
     min_delta: float = 0.002
@@ -630,7 +631,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
             sums = [0.0, 0.0, 0.0, 0]
             if rec["val_loss"] < best["loss"] * (1 - stop.min_delta):
                 best, bad = {"loss": rec["val_loss"], "step": step, "edit": edit.state()}, 0
-            else:
+            elif best["step"] > 0:  # patience runs only once the edit has beaten the zero edit (slow starts)
                 bad += 1
             reason = "converged" if bad >= stop.patience else "budget" if step == budget else None
             save_ckpt(snapshot())

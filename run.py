@@ -880,6 +880,10 @@ def experiment_report(name: str, runs, res: dict, d: Path) -> Path:
                      "probe_acc": float(np.mean(list(r["probe_acc_of_heads"].values()))) if r["probe_acc_of_heads"] else None})
     metrics = [k for k in METRICS if all(k in r for r in rows)]
     base = next(iter(res.values()))["metrics"]["base"]
+    lines += [f"Probe examples (for probe16 and the probe accuracies): "
+              f"{PROBE_LAYOUTS[runs[0][1].probe_layout]}, read at the last token. Every IPO edit: the learning "
+              "rate of lowest validation loss from its grid, each trained until the validation loss levelled off "
+              "(see the run reports).", ""]
     lines += ["| run | heads | tau / alpha | converged | lr | val loss | " + " | ".join(metrics) + " |",
               "|---" * (6 + len(metrics)) + "|"]
     lines.append("| base | - | - | - | - | - | " + " | ".join(f"{base[k]['value']:.3f}" for k in metrics) + " |")

@@ -264,6 +264,10 @@ def test_stopping_rule_on_scripted_validation_curves(model, tmp_path, monkeypatc
     _, m = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "a", **kw)
     assert m["converged"] and m["stop"] == "converged" and m["steps"] == 12 and m["best_step"] == 6
     assert m["val_loss"] == 0.7 and [r["val_loss"] for r in m["curve"]][1:] == [0.9, 0.8, 0.7, 0.699, 0.6995, 0.698]
+    # a slow start (no gain over the zero edit's 1.0 for 5 validations) is no plateau: patience starts at the first gain
+    scripted_validation(monkeypatch, [1.0, 0.999, 0.995, 0.995, 0.999, 0.9, 0.9, 0.9, 0.9, 0.5])
+    _, m = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "c", **{**kw, "tau": 0.5})
+    assert m["converged"] and m["best_step"] == 12 and m["steps"] == 18
     # still falling by more than 1% at every validation: runs to the budget, recorded as not converged
     scripted_validation(monkeypatch, [0.99 ** (2 * i) for i in range(1, 21)])
     _, m = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", **kw)
@@ -272,17 +276,18 @@ def test_stopping_rule_on_scripted_validation_curves(model, tmp_path, monkeypatc
 
 
 def test_stopping_rule_keeps_the_best_checkpoint(model, tmp_path):
-    """A real run whose validation loss levels off (a large learning rate overfits 8 pairs): it stops before
-    its budget, and the edit returned and saved is the one at the best validation, not the last state."""
+    """A real run whose validation loss levels off (a large learning rate overfits 6 pairs; half the validation
+    pairs are among them): it stops before its budget, and the edit returned and saved is the one at the best
+    validation, not the last state."""
     tok, prompts = CharTokenizer(), Prompts()
     mask = some_mask(model.cfg)
-    val = PAIRS[6:]
-    edit, m = ipo.train_ipo(model, tok, PAIRS[:6], val, prompts, mask, tau=0.5, lr=0.3, epochs=200, batch_size=3,
+    val = PAIRS[4:]
+    edit, m = ipo.train_ipo(model, tok, PAIRS[:6], val, prompts, mask, tau=0.5, lr=0.3, epochs=100, batch_size=3,
                             warmup=0, out_dir=tmp_path, log=lambda s: None, stop=ipo.StopRule(every=2, patience=4))
     assert m["converged"] and m["steps"] < m["budget"] and m["steps"] == m["best_step"] + 4 * 2
     losses = {r["step"]: r["val_loss"] for r in m["curve"]}
     assert min(losses.values()) >= m["val_loss"] * (1 - 0.002) and losses[m["best_step"]] == m["val_loss"]
-    data = ipo.encode_pairs(tok, PAIRS[:6] + val, prompts).subset(range(6, 8))
+    data = ipo.encode_pairs(tok, PAIRS[:6] + val, prompts).subset(range(6, 10))
     ref = ipo.pair_logprobs(model, data)
     assert ipo.evaluate_pairs(model, data, ref, edit, 0.5)["loss"] == pytest.approx(m["val_loss"], rel=1e-5)
     last = ipo.Rank1Edit.at_heads(model.cfg, mask)

@@ -182,7 +182,7 @@ def test_experiment_runs_and_report(name, tmp_path):
     res = {r: fake(c) for r, c in runs}
     path = run.experiment_report(name, runs, res, tmp_path / name)
     text = path.read_text()
-    assert "| base |" in text and all(f"| {r} |" in text for r, _ in runs)
+    assert "| base |" in text and all(f"| {r} |" in text for r, _ in runs) and "(x, y, x_random)" in text
     table = json.loads((tmp_path / name / "table.json").read_text())
     assert len(table["rows"]) == len(runs)
     if name in ("iti-localized-vs-random", "ipo-random", "mc"):
