@@ -471,7 +471,7 @@ class StopRule:
     counted from its first such gain over the zero edit (b = 0 starts on a plateau that a small learning rate
     leaves slowly; that is no optimum). The best checkpoint by validation loss is the edit kept. A run that
     reaches its step budget first is recorded as not converged."""
-    every: int = 25
+    every: int = 10
     patience: int = 4
     min_delta: float = 0.002
 

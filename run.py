@@ -21,7 +21,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,13 +72,14 @@ class RunConfig:
     seed: int = 0  # the split, the probes and the IPO initialisation
     head_seed: int = 0  # which random head set randomK draws
     tau: float = 0.1
-    lr: list[float] | None = None  # the learning-rate grid; None: ipo.lr_grid by head count
+    lr: list[float] | None = None  # the learning-rate grid; None: lr_factors x the paper's rate for the head count
+    lr_factors: list[float] = field(default_factory=lambda: [16.0])  # experiments: ipo.LR_FACTORS (1, 4, 16)
     scale: float = 1.0  # LoRA scaling lora_alpha / r
     epochs: int = 1  # the step budget, in passes over the training pairs; the stopping rule usually ends sooner
     batch_size: int = 4
     max_pairs: int | None = 1200  # subsample of the ~6,560 training pairs (None: all)
     val_questions: int = 32  # the fixed validation subsample: every pair of this many validation questions
-    eval_every: int = 25  # validate every this many steps
+    eval_every: int = 10  # validate every this many steps
     patience: int = 4  # stop after this many validations without a gain of min_delta (relative)
     min_delta: float = 0.002
     probe_layout: str = "paper"  # probe examples: "paper" (x, y, x_random) or "iti" ("Q: x\nA: y")
@@ -116,6 +117,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     from ipo import LR_FACTORS
 
     d = RunConfig()
+    grid = ",".join(f"{f:g}" for f in LR_FACTORS)
     p.add_argument("--heads", required=True, metavar="SPEC",
                    help="probeK | randomK | all | single:L.H | L.H,L.H,... | full (plain LoRA on every layer)")
     p.add_argument("--method", choices=("ipo", "iti", "both"), default=d.method)
@@ -127,8 +129,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=_positive_list, default=[d.tau],
                    help="IPO tau, or a list (0.1,0.3,0.5: one run each, and the Truth-Info curve over them)")
     p.add_argument("--lr", type=_positive_list, default=None,
-                   help="IPO learning rate, or a grid to select from by validation loss (default: "
-                        f"{', '.join(f'{f:g}x' for f in LR_FACTORS)} the paper's rate for the head count)")
+                   help="IPO learning rate, or a grid to select from by validation loss (default: --lr-factors)")
+    p.add_argument("--lr-factors", type=_positive_list, default=d.lr_factors,
+                   help="the learning-rate grid as multiples of the paper's rate for the head count (2e-3 one head, "
+                        f"5e-4 sixteen, 1e-4 full); default {d.lr_factors[0]:g}, the multiple the selection chose at "
+                        f"every head count measured; experiments select from {grid}")
     p.add_argument("--lora-scale", type=_positive, default=d.scale, help="LoRA scaling lora_alpha / r (default 1)")
     p.add_argument("--epochs", type=_pos_int, default=None,
                    help=f"IPO step budget in epochs (default {d.epochs}; paper 2); training stops sooner once converged")
@@ -189,7 +194,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     c = RunConfig(heads=a.heads.strip(), method=a.method, model=a.model, data=a.data, version=a.version,
-                  seed=a.seed, head_seed=a.head_seed, tau=a.tau[0], lr=a.lr, scale=a.lora_scale,
+                  seed=a.seed, head_seed=a.head_seed, tau=a.tau[0], lr=a.lr, lr_factors=a.lr_factors,
+                  scale=a.lora_scale,
                   batch_size=a.batch_size, patience=a.patience, eval_every=a.eval_every,
                   val_questions=a.val_questions, probe_layout=a.probe_layout, alpha=a.alpha, kl_text=a.kl_text,
                   dtype=a.dtype, device=a.device)
@@ -434,7 +440,7 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
             # the stopping rule's fixed validation set: every pair of a seeded subsample of validation questions
             val_q = sorted(random.Random(cfg.seed).sample(ctx.split.val, min(cfg.val_questions, len(ctx.split.val))))
             val = truthfulqa.preference_pairs(ctx.questions, val_q)
-            lrs = cfg.lr or ipo.lr_grid(mask)
+            lrs = cfg.lr or ipo.lr_grid(mask, cfg.lr_factors)
             edits["ipo"], _ = ipo.select_ipo(ctx.model, ctx.tok, train, val, ctx.prompts, mask, lrs=lrs, tau=cfg.tau,
                                              epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                                              scale=cfg.scale, stop=ipo.StopRule(cfg.eval_every, cfg.patience,
@@ -774,7 +780,10 @@ def experiment_runs(name: str, base: RunConfig, size: dict) -> list[tuple[str, R
     """The runs an experiment needs, as (run name, config). Runs are shared between experiments by name. Every
     IPO edit (the full model among them, the bound of the others) is trained at each of the size's taus with
     the same learning-rate selection and stopping rule; every ITI edit at each alpha."""
-    b = replace(base, max_pairs=size["max_pairs"], epochs=size["epochs"], n_test=size["n_test"])
+    from ipo import LR_FACTORS
+
+    b = replace(base, max_pairs=size["max_pairs"], epochs=size["epochs"], n_test=size["n_test"],
+                lr_factors=list(LR_FACTORS))
     rand = [replace(b, heads="random16", head_seed=i + 1) for i in range(size["n_random"])]
     full, probe16 = replace(b, heads="full", method="ipo"), replace(b, heads="probe16", method="ipo")
 

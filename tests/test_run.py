@@ -169,6 +169,9 @@ def test_experiment_runs_and_report(name, tmp_path):
     size = run.SIZES["quick"]
     runs = run.experiment_runs(name, run.RunConfig(), size)
     assert len({r for r, _ in runs}) == len(runs)
+    import ipo
+
+    assert run.RunConfig().lr_factors == [16.0] and all(c.lr_factors == list(ipo.LR_FACTORS) for _, c in runs)
     rng = torch.Generator().manual_seed(0)
 
     def fake(c):
