@@ -767,12 +767,14 @@ EXPERIMENTS = {
     "single-heads": "Fig. 4: IPO at random single heads vs the full-model figure",
     "mc": "Fig. 5: MC scores of probe-localized vs random heads under IPO",
 }
-SIZES = {  # random sets, single heads, ITI alphas, IPO taus, training pairs, step budget (epochs), test questions
-    "quick": dict(n_random=4, n_single=6, alphas=(2.0, 5.0), taus=(0.1,), max_pairs=256, epochs=2, n_test=48),
+SIZES = {  # random sets, single heads, ITI alphas, IPO taus and learning-rate multiples (None: ipo.LR_FACTORS),
+    # training pairs, step budget (epochs), test questions
+    "quick": dict(n_random=4, n_single=6, alphas=(2.0, 5.0), taus=(0.1,), lr_factors=(16.0,), max_pairs=400,
+                  epochs=1, n_test=48),
     "default": dict(n_random=8, n_single=12, alphas=(1.0, 2.0, 5.0, 10.0, 15.0), taus=(0.1, 0.3, 0.5),
-                    max_pairs=1200, epochs=1, n_test=None),
+                    lr_factors=None, max_pairs=1200, epochs=1, n_test=None),
     "paper": dict(n_random=16, n_single=24, alphas=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0),
-                  taus=(0.1, 0.2, 0.3, 0.4, 0.5), max_pairs=None, epochs=2, n_test=None),
+                  taus=(0.1, 0.2, 0.3, 0.4, 0.5), lr_factors=None, max_pairs=None, epochs=2, n_test=None),
 }
 
 
@@ -783,7 +785,7 @@ def experiment_runs(name: str, base: RunConfig, size: dict) -> list[tuple[str, R
     from ipo import LR_FACTORS
 
     b = replace(base, max_pairs=size["max_pairs"], epochs=size["epochs"], n_test=size["n_test"],
-                lr_factors=list(LR_FACTORS))
+                lr_factors=list(size.get("lr_factors") or LR_FACTORS))
     rand = [replace(b, heads="random16", head_seed=i + 1) for i in range(size["n_random"])]
     full, probe16 = replace(b, heads="full", method="ipo"), replace(b, heads="probe16", method="ipo")
 

@@ -171,7 +171,9 @@ def test_experiment_runs_and_report(name, tmp_path):
     assert len({r for r, _ in runs}) == len(runs)
     import ipo
 
-    assert run.RunConfig().lr_factors == [16.0] and all(c.lr_factors == list(ipo.LR_FACTORS) for _, c in runs)
+    assert run.RunConfig().lr_factors == [16.0] and all(c.lr_factors == [16.0] for _, c in runs)  # quick: one rate
+    assert all(c.lr_factors == list(ipo.LR_FACTORS) for _, c in run.experiment_runs(name, run.RunConfig(),
+                                                                                   run.SIZES["default"]))
     rng = torch.Generator().manual_seed(0)
 
     def fake(c):
