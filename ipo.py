@@ -15,6 +15,11 @@ They are trained with the IPO loss (Azar et al. 2023) on (prompt x, chosen y_w, 
 
 where pi is the edited model, pi_ref the unedited one, and log pi(y|x) is averaged over y's tokens (or summed).
 
+The paper's argument compares *optimal* edits, so every edit is trained to the same standard: `train_ipo`
+validates on fixed held-out pairs every few steps and stops when the validation loss levels off (`StopRule`),
+keeping the best checkpoint and recording `converged`; `select_ipo` does that once per learning rate of a grid
+and keeps the lowest validation loss.
+
 Speed: every training prompt is the generation prompt instruction + primer + "Q: ...\\nA:", so all prompts share
 a long token prefix (~219 tokens for SmolLM2). Each step runs that prefix once at batch 1 with the edit (so
 gradients flow through it), then the batch's questions and answers packed into one row without padding, a
