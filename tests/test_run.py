@@ -142,6 +142,10 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monke
     assert ("IPO converged" if i["converged"] else "IPO NOT CONVERGED") in report
     assert "(NOT CONVERGED)" in report or i["converged"]
     assert "the paper's (x, y, x_random)" in report
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib"):  # the validation curves of both learning rates, drawn
+        assert (d / "ipo_curve.png").stat().st_size > 1000 and "ipo_curve.png" in report
     for f in ("config.json", "split.json", "ipo/edit.safetensors", "iti/edit.safetensors", "probe/probe_acc.json"):
         assert (d / f).exists(), f
 
