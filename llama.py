@@ -50,8 +50,8 @@ def as_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
 def fast_dtype(device: str = "cpu") -> str:
     """ "bf16" or "fp32", whichever runs this machine's matmuls faster: "bf16" on a GPU; on a CPU measured once
     (the model's [256, 576] x [576, 1536] shape through `linear`, best of 5, well under a second) and cached per
-    CPU model, torch version and thread count in <cache>/fast_dtype.json. CPUs differ by more than 10x: on
-    the AMD EPYC of earlier measurements bf16 ran about 4x fp32, on an Intel Xeon (Ice Lake) a quarter of it.
+    CPU model, torch version and thread count in <cache>/fast_dtype.json. CPUs differ: on the AMD EPYC of
+    earlier measurements bf16 ran about 4x fp32, on an Intel Xeon (Ice Lake) about a third of it.
     bf16 is chosen only when at least 1.25x faster, since it rounds more."""
     if str(device).startswith("cuda"):
         return "bf16"
