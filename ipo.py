@@ -62,8 +62,8 @@ class Rank1Edit(Edit):
     1/sqrt(H*D))), b = 0, so a fresh edit is the identity and gradients reach b first.
 
     `scale` is peft's LoRA scaling lora_alpha / r: the delta is scale * <a^l, o^l> (W^l) b^l. The edits it
-    can express are the same for any scale; under Adam it acts like a larger step for b (default 1: the
-    paper's equations as written).
+    can express are the same for any scale, but Adam's steps are not (default 1: the paper's equations as
+    written).
     """
 
     def __init__(self, kind: str, mask: torch.Tensor, d_model: int, head_dim: int, seed: int = 0,

@@ -108,7 +108,7 @@ class RunConfig:
 
 DTYPE_HELP = ("model dtype; auto (default): bf16 on a GPU, and on a CPU whichever of bf16 and fp32 runs its "
               "matmuls faster, measured once per machine; the run records the dtype used")
-PROBE_LAYOUTS = {"paper": "the paper's (x, y, x_random): question, answer, another random training question",
+PROBE_LAYOUT_TEXT = {"paper": "the paper's (x, y, x_random): question, answer, another random training question",
                  "iti": "ITI's (x, y): question and answer"}
 PAPER = dict(epochs=2, max_pairs=None, n_test=None)  # the paper's settings (tau, lr by head count, batch 4)
 
@@ -685,7 +685,7 @@ def report(res: dict, d: Path, acc: torch.Tensor) -> str:
            f"({len(res['split']['train'])} train / {len(res['split']['val'])} val / {len(res['split']['test'])} "
            f"test questions; {len(res['per_question']['base']['qids'])} evaluated).", "",
            f"Heads (`{res['head_spec']}`, head seed {res['head_seed']}): {', '.join(res['heads'])}", "",
-           f"Probe examples: {PROBE_LAYOUTS[cfg.get('probe_layout', 'iti')]}, read at the last token.", ""]
+           f"Probe examples: {PROBE_LAYOUT_TEXT[cfg.get('probe_layout', 'iti')]}, read at the last token.", ""]
     if res["probe_acc_of_heads"]:
         a = list(res["probe_acc_of_heads"].values())
         out += [f"Probe validation accuracy of these heads: mean {np.mean(a):.3f} (all heads: mean "
@@ -892,7 +892,7 @@ def experiment_report(name: str, runs, res: dict, d: Path) -> Path:
     metrics = [k for k in METRICS if all(k in r for r in rows)]
     base = next(iter(res.values()))["metrics"]["base"]
     lines += [f"Probe examples (for probe16 and the probe accuracies): "
-              f"{PROBE_LAYOUTS[runs[0][1].probe_layout]}, read at the last token. Every IPO edit: the learning "
+              f"{PROBE_LAYOUT_TEXT[runs[0][1].probe_layout]}, read at the last token. Every IPO edit: the learning "
               "rate of lowest validation loss from its grid, each trained until the validation loss levelled off "
               "(see the run reports).", ""]
     lines += ["| run | heads | tau / alpha | converged | lr | val loss | " + " | ".join(metrics) + " |",

@@ -487,3 +487,24 @@ def test_real_model_bf16_generation_agrees(smol):
     ids = torch.tensor([HF_IDS])
     p32, p16 = model(ids)[0].softmax(-1), b16(ids)[0].float().softmax(-1)
     assert (p32 - p16).abs().sum(-1).max() < 0.2  # total variation per position
+
+
+def test_fast_dtype_measures_once_and_caches(tmp_path, monkeypatch):
+    """dtype auto: bf16 on a GPU; on a CPU the faster of bf16 and fp32, measured once, then read from the cache
+    (a cached answer is used as is, even one the measurement would not give)."""
+    import llama
+
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path))
+    assert llama.fast_dtype("cuda") == "bf16" and not (tmp_path / "fast_dtype.json").exists()
+    got = llama.fast_dtype("cpu")
+    known = json.loads((tmp_path / "fast_dtype.json").read_text())
+    (key, rec), = known.items()
+    assert got == rec["dtype"] in ("bf16", "fp32") and set(rec["gflop_per_s"]) == {"fp32", "bf16"}
+    want = "bf16" if rec["gflop_per_s"]["bf16"] >= 1.25 * rec["gflop_per_s"]["fp32"] else "fp32"
+    assert got == want  # bf16 only when at least 1.25x faster
+    other = "fp32" if got == "bf16" else "bf16"
+    (tmp_path / "fast_dtype.json").write_text(json.dumps({key: {"dtype": other, "gflop_per_s": {}}}))
+    monkeypatch.setattr(llama, "linear", lambda *a: (_ for _ in ()).throw(AssertionError("measured again")))
+    assert llama.fast_dtype("cpu") == other and llama.as_dtype("auto") == llama.DTYPES[other]
+    with pytest.raises(ValueError, match="'auto'"):
+        llama.as_dtype("fp64")
