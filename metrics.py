@@ -6,7 +6,7 @@
   MC1/2/3      `mc_scores`: TruthfulQA's multiple-choice metrics from the sum of answer-token log-probabilities
   KL, CE       `kl_ce`: mean per-token KL(base || edited) of next-token distributions on neutral text, and the
                edited model's cross-entropy on it
-  CIs          `bootstrap_ci`, `bootstrap_ci_product` over questions
+  CIs          `bootstrap_ci`, `bootstrap_ci_product` over questions, `bootstrap_ci_ratio` over texts (KL, CE)
 
 Every metric returns its per-question (per-text) values next to the aggregate, so callers can bootstrap.
 An edit is a llama.Edit; "newest" edits (ITI) act from the last prompt token on, "all" edits everywhere.
@@ -251,6 +251,19 @@ def bootstrap_ci_product(a: Sequence[float], b: Sequence[float], n: int = 2000, 
         raise ValueError(f"bootstrap_ci_product: need two equally long non-empty lists (got {a.size}, {b.size})")
     idx = np.random.default_rng(seed).integers(0, a.size, size=(n, a.size))  # [n, N]
     stats = a[idx].mean(1) * b[idx].mean(1)  # [n]
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def bootstrap_ci_ratio(num: Sequence[float], den: Sequence[float], n: int = 2000, seed: int = 0
+                       ) -> tuple[float, float]:
+    """95% interval of sum(num) / sum(den), resampling the items (texts) with replacement: the interval of a
+    token-weighted mean (num: per-text sums, den: per-text token counts), the same estimand as its value."""
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"bootstrap_ci_ratio: need two equally long non-empty lists (got {a.size}, {b.size})")
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n, a.size))  # [n, N]
+    stats = a[idx].sum(1) / b[idx].sum(1)  # [n]
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return float(lo), float(hi)
 

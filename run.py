@@ -69,8 +69,9 @@ class RunConfig:
     model: str = "smollm2-135m"
     data: str | None = None
     version: str = "v0"
-    seed: int = 0  # the split, the probes and the IPO initialisation
+    seed: int = 0  # the split, the probes and (unless train_seed) the IPO initialisation and pair order
     head_seed: int = 0  # which random head set randomK draws
+    train_seed: int | None = None  # the IPO initialisation and pair order alone (None: seed); split, probes unchanged
     tau: float = 0.1
     lr: list[float] | None = None  # the learning-rate grid; None: lr_factors x the paper's rate for the head count
     lr_factors: list[float] = field(default_factory=lambda: [16.0])  # experiments: ipo.LR_FACTORS (1, 4, 16)
@@ -99,7 +100,8 @@ class RunConfig:
             h = "heads-" + hashlib.sha1(h.encode()).hexdigest()[:8]
         hs = f"-h{self.head_seed}" if self.heads.startswith("random") else ""
         t = f"-t{self.tau:g}" if self.method != "iti" else ""
-        return f"{self.method}-{h}{hs}-s{self.seed}{t}"
+        r = f"-r{self.train_seed}" if self.train_seed is not None and self.method != "iti" else ""
+        return f"{self.method}-{h}{hs}-s{self.seed}{r}{t}"
 
     def training_dict(self) -> dict:
         """The settings that change what a run computes (not where it writes)."""
@@ -126,6 +128,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", choices=("v0", "v1"), default=d.version)
     p.add_argument("--seed", type=int, default=d.seed, help="split, probe and IPO seed")
     p.add_argument("--head-seed", type=int, default=d.head_seed, help="seed of the randomK head set")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the IPO initialisation and pair order alone (default: --seed); the split, probes "
+                        "and test questions stay those of --seed, so runs differing only here measure training noise")
     p.add_argument("--tau", type=_positive_list, default=[d.tau],
                    help="IPO tau, or a list (0.1,0.3,0.5: one run each, and the Truth-Info curve over them)")
     p.add_argument("--lr", type=_positive_list, default=None,
@@ -194,7 +199,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     c = RunConfig(heads=a.heads.strip(), method=a.method, model=a.model, data=a.data, version=a.version,
-                  seed=a.seed, head_seed=a.head_seed, tau=a.tau[0], lr=a.lr, lr_factors=a.lr_factors,
+                  seed=a.seed, head_seed=a.head_seed, train_seed=a.train_seed, tau=a.tau[0], lr=a.lr, lr_factors=a.lr_factors,
                   scale=a.lora_scale,
                   batch_size=a.batch_size, patience=a.patience, eval_every=a.eval_every,
                   val_questions=a.val_questions, probe_layout=a.probe_layout, alpha=a.alpha, kl_text=a.kl_text,
@@ -333,16 +338,18 @@ def evaluate(ctx: Context, edit, label: str) -> dict:
     per = {"truth": ti["per_question"]["truth"], "info": ti["per_question"]["info"],
            "truth_score": ti["per_question"]["truth_score"], "info_score": ti["per_question"]["info_score"],
            "mc1": mc["per_question"]["mc1"], "mc2": mc["per_question"]["mc2"], "mc3": mc["per_question"]["mc3"],
-           "kl": kl["per_text"]["kl"], "ce": kl["per_text"]["ce"],
-           "kl_qa": kl_qa["per_text"]["kl"], "ce_qa": kl_qa["per_text"]["ce"]}
+           "kl": kl["per_text"]["kl"], "ce": kl["per_text"]["ce"], "kl_tokens": kl["per_text"]["tokens"],
+           "kl_qa": kl_qa["per_text"]["kl"], "ce_qa": kl_qa["per_text"]["ce"], "kl_qa_tokens": kl_qa["per_text"]["tokens"]}
     figures = {}
     for k in ("truth", "info", "truth_score", "info_score", "mc1", "mc2", "mc3"):
         figures[k] = {"value": float(np.mean(per[k])), "ci95": metrics.bootstrap_ci(per[k])}
     figures["truth_info"] = {"value": figures["truth"]["value"] * figures["info"]["value"],
                              "ci95": metrics.bootstrap_ci_product(per["truth"], per["info"])}
-    for k in ("kl", "ce"):  # token-weighted means, intervals over texts
-        figures[k] = {"value": kl[k], "ci95": metrics.bootstrap_ci(per[k])}
-        figures[f"{k}_qa"] = {"value": kl_qa[k], "ci95": metrics.bootstrap_ci(per[f"{k}_qa"])}
+    for k in ("kl", "ce"):  # token-weighted means, and intervals of the same (texts resampled)
+        for sfx, r in (("", kl), ("_qa", kl_qa)):
+            n = r["per_text"]["tokens"]
+            figures[k + sfx] = {"value": r[k], "ci95": metrics.bootstrap_ci_ratio(
+                [v * t for v, t in zip(r["per_text"][k], n)], n)}
     gens = [{"qid": q.qid, "question": q.question, "answer": a, "truth": t, "info": i, "truth_score": ts,
              "info_score": is_} for q, a, t, i, ts, is_ in zip(qs, answers, per["truth"], per["info"],
                                                                 per["truth_score"], per["info_score"])]
@@ -357,8 +364,8 @@ def evaluate(ctx: Context, edit, label: str) -> dict:
 
 # part of the base evaluation's cache key (with each judge's data and training time); bumped when the numbers
 # an unchanged model gives change (2: fp32 generation through oneDNN's kernel, llama.linear; 3: KL on the
-# neutral text and KL_qa)
-BASE_EVAL_VERSION = 3
+# neutral text and KL_qa; 4: per-text token counts, token-weighted KL/CE intervals)
+BASE_EVAL_VERSION = 4
 
 
 def base_eval(ctx: Context) -> dict:
@@ -394,7 +401,7 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
     done = d / "results.json"
     cfg_path = d / "config.json"
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
+        old = {**asdict(RunConfig()), **json.loads(cfg_path.read_text())}  # settings added since: their defaults
         if old != cfg.training_dict():
             diff = sorted(k for k in old if old.get(k) != cfg.training_dict().get(k))
             raise UserError(f"{d}: holds a run with other settings (differs in {', '.join(diff)}); "
@@ -442,7 +449,8 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
             val = truthfulqa.preference_pairs(ctx.questions, val_q)
             lrs = cfg.lr or ipo.lr_grid(mask, cfg.lr_factors)
             edits["ipo"], _ = ipo.select_ipo(ctx.model, ctx.tok, train, val, ctx.prompts, mask, lrs=lrs, tau=cfg.tau,
-                                             epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                                             epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                             seed=cfg.seed if cfg.train_seed is None else cfg.train_seed,
                                              scale=cfg.scale, stop=ipo.StopRule(cfg.eval_every, cfg.patience,
                                                                                 cfg.min_delta),
                                              out_dir=d / "ipo", log=log)
@@ -757,245 +765,6 @@ def pictures(res: dict, d: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The paper's experiments
-
-
-EXPERIMENTS = {
-    "iti-localized-vs-random": "Fig. 1: ITI at probe16 vs random 16-head sets over an alpha sweep",
-    "ipo-vs-iti": "Fig. 2: full-model IPO, IPO at probe16, ITI at probe16",
-    "ipo-random": "Fig. 3: IPO at the random 16-head sets of experiment 1",
-    "single-heads": "Fig. 4: IPO at random single heads vs the full-model figure",
-    "mc": "Fig. 5: MC scores of probe-localized vs random heads under IPO",
-}
-SIZES = {  # random sets, single heads, ITI alphas, IPO taus and learning-rate multiples (None: ipo.LR_FACTORS),
-    # training pairs, step budget (epochs), test questions
-    "quick": dict(n_random=4, n_single=6, alphas=(2.0, 5.0), taus=(0.1,), lr_factors=(16.0,), max_pairs=400,
-                  epochs=1, n_test=48),
-    "default": dict(n_random=8, n_single=12, alphas=(1.0, 2.0, 5.0, 10.0, 15.0), taus=(0.1, 0.3, 0.5),
-                    lr_factors=None, max_pairs=1200, epochs=1, n_test=None),
-    "paper": dict(n_random=16, n_single=24, alphas=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0),
-                  taus=(0.1, 0.2, 0.3, 0.4, 0.5), lr_factors=None, max_pairs=None, epochs=2, n_test=None),
-}
-
-
-def experiment_runs(name: str, base: RunConfig, size: dict) -> list[tuple[str, RunConfig]]:
-    """The runs an experiment needs, as (run name, config). Runs are shared between experiments by name. Every
-    IPO edit (the full model among them, the bound of the others) is trained at each of the size's taus with
-    the same learning-rate selection and stopping rule; every ITI edit at each alpha."""
-    from ipo import LR_FACTORS
-
-    b = replace(base, max_pairs=size["max_pairs"], epochs=size["epochs"], n_test=size["n_test"],
-                lr_factors=list(size.get("lr_factors") or LR_FACTORS))
-    rand = [replace(b, heads="random16", head_seed=i + 1) for i in range(size["n_random"])]
-    full, probe16 = replace(b, heads="full", method="ipo"), replace(b, heads="probe16", method="ipo")
-
-    def ipo_runs(cs):
-        return [(c.slug(), c) for c in (replace(c, tau=t) for c in cs for t in size["taus"])]
-
-    def iti_runs(cs):
-        return [(f"{c.slug()}-a{alpha:g}", replace(c, alpha=alpha)) for c in cs for alpha in size["alphas"]]
-
-    if name == "iti-localized-vs-random":
-        return iti_runs([replace(c, method="iti") for c in [probe16] + rand])
-    if name == "ipo-vs-iti":
-        return ipo_runs([full, probe16]) + iti_runs([replace(probe16, method="iti")])
-    if name in ("ipo-random", "mc"):
-        return ipo_runs([full, probe16] + rand)
-    if name == "single-heads":  # random1 with head seeds 1..n: n seeded random single heads
-        return ipo_runs([full] + [replace(b, heads="random1", head_seed=i + 1) for i in range(size["n_single"])])
-    raise UserError(f"experiment {name!r}: expected one of {', '.join(EXPERIMENTS)}")
-
-
-FULL_BOUND_TOL = 0.01  # relative slack of the full-model check (validation losses of stopped, not exact, optima)
-
-
-def full_model_check(rows: list[dict]) -> list[str]:
-    """The full model bounds every localized edit: the reparameterised edit at a head set (eq. 4.3) is a
-    restriction of the plain rank-1 LoRA on every layer (eq. 4.1, b^l = W^l b'^l), so at the optimum the full
-    model's validation IPO loss is at most any head set's at the same tau. Returns one line per violation
-    beyond FULL_BOUND_TOL (an under-trained reference: its edits are not optimal, nor the comparison fair)."""
-    bad = []
-    for f in (r for r in rows if r["heads"] == "full" and r["val_loss"] is not None):
-        for r in rows:
-            if r["heads"] != "full" and r["method"] == "ipo" and r["tau"] == f["tau"] and r["val_loss"] is not None \
-                    and f["val_loss"] > r["val_loss"] * (1 + FULL_BOUND_TOL):
-                bad.append(f"tau {f['tau']:g}: the full model's validation IPO loss {f['val_loss']:.4f} exceeds "
-                           f"{r['run']}'s {r['val_loss']:.4f}")
-    return bad
-
-
-def cmd_experiment(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="run.py experiment", description="Reproduce one of the paper's figures.")
-    p.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
-    p.add_argument("--quick", action="store_true", help="small sizes that finish on a 2-core CPU within an hour")
-    p.add_argument("--paper", action="store_true", help="the paper's sizes (for a GPU)")
-    p.add_argument("--shard", default="0/1", help="i/n: do only the runs with index %% n == i (default 0/1)")
-    p.add_argument("--model", default=RunConfig.model)
-    p.add_argument("--data", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help=DTYPE_HELP)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--out", default="runs")
-    a = p.parse_args(argv)
-    try:
-        i, n = (int(x) for x in a.shard.split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
-        raise UserError(f"--shard {a.shard!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
-    size_name = "quick" if a.quick else "paper" if a.paper else "default"
-    size = SIZES[size_name]
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    base = RunConfig(model=a.model, data=a.data, seed=a.seed, dtype=resolve_dtype(a.dtype, a.device), device=a.device)
-    runs = experiment_runs(a.name, base, size)
-    out = Path(a.out)
-    mine = [r for k, r in enumerate(runs) if k % n == i]
-    log(f"experiment {a.name} ({size_name}): {len(runs)} runs, shard {i}/{n} does {len(mine)}")
-    ctx = None
-    results = {}
-    for k, (rname, c) in enumerate(mine):
-        log(f"--- run {k + 1}/{len(mine)}: {rname}")
-        if ctx is None:
-            ctx = Context(c)
-        results[rname] = run(c, out / f"exp-{size_name}", rname, ctx)
-    finished = {r: json.loads((out / f"exp-{size_name}" / r / "results.json").read_text())
-                for r, _ in runs if (out / f"exp-{size_name}" / r / "results.json").exists()}
-    if len(finished) < len(runs):
-        log(f"{len(finished)}/{len(runs)} runs finished; the figure is drawn once every shard is done")
-        return 0
-    path = experiment_report(a.name, runs, finished, out / f"exp-{size_name}" / f"{a.name}")
-    log(f"experiment {a.name}: {path}")
-    table = json.loads((path.parent / "table.json").read_text())
-    if table["not_converged"]:
-        log(f"WARNING: {len(table['not_converged'])} IPO edit(s) did not converge: {', '.join(table['not_converged'])}")
-    if table["full_model_check"]:
-        log("WARNING: the full-model check FAILED (the full model must bound every localized edit's validation "
-            "loss; its reference is under-trained):\n  " + "\n  ".join(table["full_model_check"]))
-    return 0
-
-
-def experiment_report(name: str, runs, res: dict, d: Path) -> Path:
-    """A table (and, with matplotlib, a picture) of one experiment from its finished runs: every edit with its
-    convergence record, the best Truth*Info over tau (IPO) per head set, and the full-model check."""
-    d.mkdir(parents=True, exist_ok=True)
-    rows, lines = [], [f"# {name}: {EXPERIMENTS[name]}", ""]
-    for rname, c in runs:
-        r = res[rname]
-        label = "iti" if c.method == "iti" else "ipo"
-        m, i = r["metrics"][label], r.get("ipo") or {}
-        rows.append({"run": rname, "heads": c.heads, "head": ",".join(r["heads"]), "head_seed": c.head_seed,
-                     "method": c.method, "alpha": c.alpha if c.method == "iti" else None,
-                     "tau": c.tau if c.method == "ipo" else None, "lr": i.get("lr"), "steps": i.get("steps"),
-                     "converged": i.get("converged") if label == "ipo" else None, "val_loss": i.get("val_loss"),
-                     **{k: m[k]["value"] for k in METRICS if k in m}, "ci": {k: m[k]["ci95"] for k in METRICS if k in m},
-                     "probe_acc": float(np.mean(list(r["probe_acc_of_heads"].values()))) if r["probe_acc_of_heads"] else None})
-    metrics = [k for k in METRICS if all(k in r for r in rows)]
-    base = next(iter(res.values()))["metrics"]["base"]
-    lines += [f"Probe examples (for probe16 and the probe accuracies): "
-              f"{PROBE_LAYOUT_TEXT[runs[0][1].probe_layout]}, read at the last token. Every IPO edit: the learning "
-              "rate of lowest validation loss from its grid, each trained until the validation loss levelled off "
-              "(see the run reports).", ""]
-    lines += ["| run | heads | tau / alpha | converged | lr | val loss | " + " | ".join(metrics) + " |",
-              "|---" * (6 + len(metrics)) + "|"]
-    lines.append("| base | - | - | - | - | - | " + " | ".join(f"{base[k]['value']:.3f}" for k in metrics) + " |")
-    for r in rows:
-        conv = "-" if r["converged"] is None else "yes" if r["converged"] else "**NO**"
-        knob = f"tau {r['tau']:g}" if r["method"] == "ipo" else f"alpha {r['alpha']:g}"
-        lines.append(f"| {r['run']} | {r['heads']} | {knob} | {conv} | " + (f"{r['lr']:g}" if r["lr"] else "-") +
-                     " | " + (f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-") + " | "
-                     + " | ".join(f"{r[k]:.3f}" for k in metrics) + " |")
-    lines.append("")
-    unconverged = [r["run"] for r in rows if r["converged"] is False]
-    if unconverged:
-        lines += [f"**{len(unconverged)} IPO edit(s) did NOT converge** (step budget spent while the validation loss "
-                  f"still fell): {', '.join(unconverged)}. Their figures understate what an edit there can do.", ""]
-    # the best Truth*Info over tau (IPO) or alpha (ITI) of each edit location, as the paper's Fig. 2-4 read it
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        k = (r["method"], r["heads"], r["head_seed"])
-        if k not in best or r["truth_info"] > best[k]["truth_info"]:
-            best[k] = r
-    knob = lambda r: f"tau {r['tau']:g}" if r["method"] == "ipo" else f"alpha {r['alpha']:g}"
-    lines += ["Best Truth*Info over " + ("tau / alpha" if len({r["method"] for r in rows}) > 1 else
-                                         "tau" if rows[0]["method"] == "ipo" else "alpha") + " per edit: "
-              + "; ".join(f"{r['method']} {r['heads']}" + (f" (head seed {r['head_seed']})" if r["heads"].startswith(
-                  "random") else "") + f" {r['truth_info']:.3f} at {knob(r)}" for r in best.values()), ""]
-    loc = [r for r in rows if r["heads"] == "probe16"]
-    rnd = [r for r in rows if r["heads"] == "random16"]
-    if name == "iti-localized-vs-random":
-        for alpha in sorted({r["alpha"] for r in rows}):
-            l = [r["truth_info"] for r in loc if r["alpha"] == alpha]
-            rr = [r["truth_info"] for r in rnd if r["alpha"] == alpha]
-            if l and rr:
-                p = (1 + sum(x >= l[0] for x in rr)) / (1 + len(rr))
-                lines.append(f"alpha {alpha:g}: Truth*Info localized {l[0]:.3f}, random mean {np.mean(rr):.3f} "
-                             f"(min {min(rr):.3f}, max {max(rr):.3f}); p(random >= localized) = {p:.3f}")
-    if name in ("ipo-random", "mc"):
-        key = "truth_info" if name == "ipo-random" else "mc2"
-        bl = [r for r in best.values() if r["heads"] == "probe16"]
-        br = [r for r in best.values() if r["heads"] == "random16"]
-        if bl and br:
-            rr = [r[key] for r in br]
-            p = (1 + sum(x >= bl[0][key] for x in rr)) / (1 + len(rr))
-            lines.append(f"{key} (best over tau): probe16 {bl[0][key]:.3f}, random sets mean {np.mean(rr):.3f} "
-                         f"(min {min(rr):.3f}, max {max(rr):.3f}); p(random >= probe16) = {p:.3f}")
-        if name == "mc" and loc and rnd:
-            for k in ("mc1", "mc2", "mc3"):
-                lines.append(f"{k}: probe16 {np.mean([r[k] for r in loc]):.3f} vs random "
-                             f"{np.mean([r[k] for r in rnd]):.3f} (means over tau)")
-    if name == "single-heads":
-        full = max((r for r in rows if r["heads"] == "full"), key=lambda r: r["truth_info"])
-        lo = full["ci"]["truth_info"][0]
-        singles = [r for r in best.values() if r["heads"] == "random1"]
-        within = [r for r in singles if r["truth_info"] >= lo]
-        lines.append(f"{len(within)}/{len(singles)} single heads reach the full-model Truth*Info interval "
-                     f"(>= {lo:.3f}, best over tau); their probe accuracies: "
-                     + ", ".join(f"{r['head']} {r['probe_acc']:.3f}" for r in within))
-    check = full_model_check(rows)
-    if any(r["heads"] == "full" for r in rows):
-        lines += ["", "## Full-model check", "",
-                  "The edit at a head set is a restriction of the plain rank-1 LoRA on every layer, so the full "
-                  "model's validation IPO loss must be at most every head set's at the same tau (checked with "
-                  f"{FULL_BOUND_TOL:.0%} slack). "
-                  + ("It holds for every edit." if not check else
-                     f"**FAILED** ({len(check)}): the full-model reference is under-trained, so no edit here may be "
-                     "read as 'as good as the full model'.\n\n" + "\n".join(f"- {x}" for x in check))]
-    write_json(d / "table.json", {"rows": rows, "base": {k: base[k]["value"] for k in metrics},
-                                  "full_model_check": check, "not_converged": unconverged})
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
-        color = lambda r: "C3" if r["heads"] in ("probe16", "full") else "C2" if r["heads"] == "random1" else "C0"
-        for k in best:  # Truth vs Info along each edit's tau (or alpha) curve
-            cur = sorted((r for r in rows if (r["method"], r["heads"], r["head_seed"]) == k),
-                         key=lambda r: r["tau"] if r["method"] == "ipo" else r["alpha"])
-            ls = "--" if k[0] == "iti" else "-"
-            ax[1].plot([r["info"] for r in cur], [r["truth"] for r in cur], ls, marker="o", c=color(cur[0]), ms=4,
-                       mfc="none" if any(r["converged"] is False for r in cur) else color(cur[0]))
-        for r in rows:
-            x = r["alpha"] if name.startswith("iti") else r["probe_acc"] or 0
-            ax[0].scatter(x, r["truth_info"], c=color(r), s=20, marker="o" if r["converged"] is not False else "x")
-            ax[2].scatter(r["kl"], r["mc2"], c=color(r), s=20)
-        ax[0].set(xlabel="alpha" if name.startswith("iti") else "mean probe accuracy of the heads", ylabel="Truth*Info")
-        ax[1].set(xlabel="Info", ylabel="Truth", title="Truth-Info curves over tau (IPO, solid) / alpha (ITI, dashed)")
-        ax[2].set(xlabel="KL on neutral text", ylabel="MC2")
-        fig.suptitle(f"{name} (red: probe-localized / full model, blue: random, green: single heads; "
-                     "x / hollow: not converged)")
-        fig.tight_layout()
-        fig.savefig(d / "figure.png", dpi=100)
-        plt.close(fig)
-        lines += ["", "![figure](figure.png)"]
-    except ImportError:
-        lines += ["", "(matplotlib is not installed: no picture)"]
-    write_atomic(d / "report.md", "\n".join(lines) + "\n")
-    return d / "report.md"
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -1022,7 +791,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "audit":
             return cmd_audit(argv[1:])
         if argv and argv[0] == "experiment":
-            return cmd_experiment(argv[1:])
+            import experiments
+
+            return experiments.cmd_experiment(argv[1:])
         if argv and argv[0] == "bench":
             import bench
 

@@ -167,65 +167,6 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monke
     assert run.main(argv + ["--tau", "0.3"]) == 2
 
 
-@pytest.mark.parametrize("name", list(run.EXPERIMENTS))
-def test_experiment_runs_and_report(name, tmp_path):
-    """Every experiment lists its runs (shared by name across experiments) and draws its table from them."""
-    size = run.SIZES["quick"]
-    runs = run.experiment_runs(name, run.RunConfig(), size)
-    assert len({r for r, _ in runs}) == len(runs)
-    import ipo
-
-    assert run.RunConfig().lr_factors == [16.0] and all(c.lr_factors == [16.0] for _, c in runs)  # quick: one rate
-    assert all(c.lr_factors == list(ipo.LR_FACTORS) for _, c in run.experiment_runs(name, run.RunConfig(),
-                                                                                   run.SIZES["default"]))
-    rng = torch.Generator().manual_seed(0)
-
-    def fake(c):
-        m = {k: {"value": float(torch.rand(1, generator=rng)), "ci95": [0.1, 0.9]} for k in run.METRICS}
-        label = "iti" if c.method == "iti" else "ipo"
-        heads = ["1.2"] if c.heads == "random1" else ["1.2", "3.4"]
-        ipo = {"lr": 1e-3, "steps": 100, "converged": c.head_seed != 2, "val_loss": 20.0 + (c.heads != "full")}
-        return {"metrics": {"base": m, label: m}, "heads": heads, "ipo": ipo if label == "ipo" else None,
-                "probe_acc_of_heads": {} if c.heads == "full" else {h: 0.6 for h in heads}}
-
-    res = {r: fake(c) for r, c in runs}
-    path = run.experiment_report(name, runs, res, tmp_path / name)
-    text = path.read_text()
-    assert "| base |" in text and all(f"| {r} |" in text for r, _ in runs) and "(x, y, x_random)" in text
-    table = json.loads((tmp_path / name / "table.json").read_text())
-    assert len(table["rows"]) == len(runs)
-    if name in ("iti-localized-vs-random", "ipo-random", "mc"):
-        assert "p(random >= " in text
-    if name == "single-heads":
-        assert "single heads reach the full-model Truth*Info interval" in text
-    ipo_runs = [c for _, c in runs if c.method == "ipo"]
-    if ipo_runs:  # every IPO experiment trains the full-model bound, at each tau, and checks it
-        assert {c.tau for c in ipo_runs if c.heads == "full"} == set(size["taus"])
-        assert "## Full-model check" in text and "It holds for every edit." in text and not table["full_model_check"]
-        assert ("did NOT converge" in text) == any(c.head_seed == 2 for c in ipo_runs)
-
-
-def test_full_model_check_fails_on_an_undertrained_reference(tmp_path):
-    """A full-model edit whose validation loss is above a head set's (beyond the 1% slack) fails the check,
-    loudly in the report, table.json and the experiment's exit message."""
-    size = dict(run.SIZES["quick"], n_random=1, taus=(0.1, 0.5))
-    runs = run.experiment_runs("ipo-random", run.RunConfig(), size)
-    val = {"full": 19.0, "probe16": 18.0, "random16": 20.0}  # at tau 0.1 the full model loses to probe16
-    m = {k: {"value": 0.5, "ci95": [0.4, 0.6]} for k in run.METRICS}
-    res = {r: {"metrics": {"base": m, "ipo": m}, "heads": ["1.2"], "probe_acc_of_heads": {},
-               "ipo": {"lr": 1e-3, "steps": 10, "converged": True,
-                       "val_loss": val[c.heads] if c.tau == 0.1 else 0.9 + 0.1 * (c.heads != "full")}}
-           for r, c in runs}
-    text = run.experiment_report("ipo-random", runs, res, tmp_path / "x").read_text()
-    check = json.loads((tmp_path / "x" / "table.json").read_text())["full_model_check"]
-    assert "**FAILED** (1)" in text and len(check) == 1 and "tau 0.1" in check[0] and "probe16" in check[0]
-    # within the slack (1% of 0.9 > 0.0089) it holds; a slightly lower head-set loss is not a failure
-    for r, c in runs:
-        res[r]["ipo"]["val_loss"] = {"full": 0.9089, "probe16": 0.9, "random16": 0.95}[c.heads]
-    run.experiment_report("ipo-random", runs, res, tmp_path / "y")
-    assert json.loads((tmp_path / "y" / "table.json").read_text())["full_model_check"] == []
-
-
 def test_tau_list_runs_one_run_per_tau(tmp_path, monkeypatch, capsys):
     """--tau 0.1,0.5 does one run per tau (named by it) on one shared context, then the curve over tau."""
     calls = []

@@ -1,0 +1,586 @@
+"""experiments.py: the paper's five figures as commands, with the tests that carry their claims.
+
+    python run.py experiment ipo-random                # Fig. 3: IPO at random 16-head sets vs probe16, full model
+    python run.py experiment single-heads --quick      # Fig. 4 at a small size
+    python run.py experiment mc --paper --shard 0/8    # one of 8 machines of a SLURM array (see README)
+
+An experiment is a list of runs (run.py's `run`, shared between experiments by name, each resumable), then a
+report: a table, the statistics of stats.py, and the figure(s) drawn as the paper draws them.
+
+  Fig. 1 iti-localized-vs-random  ITI at probe16 vs random 16-head sets over alpha; "better than": a paired
+                                  permutation test over test questions, pooled over random sets and alpha
+  Fig. 2 ipo-vs-iti               Truth-Info curves of ITI (over alpha) and IPO (over tau) at probe16, full model
+  Fig. 3 ipo-random               IPO at random 16-head sets; "as good as" the full model: TOST with a margin
+  Fig. 4 single-heads             IPO at single heads (drawn without replacement, disjoint from the random sets)
+  Fig. 5 mc                       MC over KL of probe16 vs random sets under IPO; "better than" on MC2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import stats
+from llama import write_file_atomic
+from run import (METRICS, PROBE_LAYOUT_TEXT, DTYPE_HELP, Context, RunConfig, UserError, log, resolve_dtype, run,
+                 write_atomic, write_json)
+
+EXPERIMENTS = {
+    "iti-localized-vs-random": "Fig. 1: ITI at probe16 vs random 16-head sets over an alpha sweep",
+    "ipo-vs-iti": "Fig. 2: full-model IPO, IPO at probe16, ITI at probe16",
+    "ipo-random": "Fig. 3: IPO at random 16-head sets vs probe16 and the full model",
+    "single-heads": "Fig. 4: IPO at random single heads vs the full model",
+    "mc": "Fig. 5: MC scores of probe-localized vs random heads under IPO",
+}
+# n_random: random 16-head sets (head seeds 1..n); n_single: single heads; alphas: ITI strengths; taus: IPO taus of
+# every edit; key_taus: the taus of the key edits (full model, probe16), the IPO curves of Fig. 2; train_seeds:
+# the extra IPO training seeds of the key edits (seed variance); lr_factors: the learning-rate grid (multiples of
+# the paper's rate); max_pairs, epochs: training pairs and step budget; n_test: test questions (None: all).
+SIZES = {
+    "quick": dict(n_random=4, n_single=6, alphas=(2.0, 5.0), taus=(0.1,), key_taus=(0.1,), train_seeds=(),
+                  lr_factors=(16.0,), max_pairs=400, epochs=1, n_test=48),
+    "default": dict(n_random=4, n_single=6, alphas=(2.0, 5.0, 10.0), taus=(0.1,), key_taus=(0.1, 0.5),
+                    train_seeds=(1,), lr_factors=(16.0,), max_pairs=1200, epochs=1, n_test=None),
+    "paper": dict(n_random=16, n_single=24, alphas=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0),
+                  taus=(0.1, 0.2, 0.3, 0.4, 0.5), key_taus=(0.1, 0.2, 0.3, 0.4, 0.5), train_seeds=(1, 2),
+                  lr_factors=(1.0, 4.0, 16.0), max_pairs=None, epochs=2, n_test=None),
+}
+SINGLE_SEED = 1234  # the draw of single heads (a fixed permutation of all heads, random-set heads skipped)
+
+
+def kind(heads: str) -> str:
+    """A run's head set as the figures group it: full, probe16, random16, single (or the spec itself)."""
+    return "single" if heads.startswith("single:") else heads
+
+
+def random_set(seed: int, n_layers: int, n_heads: int, k: int = 16) -> list[tuple[int, int]]:
+    """The heads of randomK with head seed `seed` (as probe.parse_heads draws them)."""
+    import probe
+
+    return [tuple(x) for x in probe.parse_heads(f"random{k}", n_layers, n_heads, seed=seed).nonzero().tolist()]
+
+
+def single_heads(n: int, n_layers: int, n_heads: int, exclude: set, seed: int = SINGLE_SEED) -> list[tuple[int, int]]:
+    """n distinct heads, drawn without replacement from the heads not in `exclude` (a fixed permutation of all
+    heads under `seed`, excluded heads skipped)."""
+    order = torch.randperm(n_layers * n_heads, generator=torch.Generator().manual_seed(seed)).tolist()
+    pool = [(i // n_heads, i % n_heads) for i in order if (i // n_heads, i % n_heads) not in exclude]
+    if len(pool) < n:
+        raise UserError(f"single heads: {n} asked for, but only {len(pool)} heads lie outside the random sets")
+    return pool[:n]
+
+
+def experiment_runs(name: str, base: RunConfig, size: dict, dims: tuple[int, int] = (30, 9)
+                    ) -> list[tuple[str, RunConfig]]:
+    """The runs an experiment needs, as (run name, config), in the order they are done: the key edits (full
+    model, probe16) at the first tau, the other edits, the key edits' extra training seeds, their other taus.
+    Runs are shared between experiments by name. dims: (layers, heads) of the model, for the single heads."""
+    if name not in EXPERIMENTS:
+        raise UserError(f"experiment {name!r}: expected one of {', '.join(EXPERIMENTS)}")
+    b = replace(base, max_pairs=size["max_pairs"], epochs=size["epochs"], n_test=size["n_test"],
+                lr_factors=list(size["lr_factors"]))
+    rand = [replace(b, heads="random16", head_seed=i + 1) for i in range(size["n_random"])]
+    full, probe16 = replace(b, heads="full", method="ipo"), replace(b, heads="probe16", method="ipo")
+    taus, key_taus = tuple(size["taus"]), tuple(size["key_taus"])
+    seeds = [base.seed + k for k in size["train_seeds"]]
+
+    def ipo_runs(cs, ts):
+        return [(c.slug(), c) for c in (replace(c, tau=t) for t in ts for c in cs)]
+
+    def key_runs(cs, others):
+        return (ipo_runs(cs, taus[:1]) + ipo_runs(others, taus)
+                + ipo_runs([replace(c, train_seed=s) for s in seeds for c in cs], taus[:1])
+                + ipo_runs(cs, [t for t in key_taus if t != taus[0]]))
+
+    def iti_runs(cs):
+        return [(f"{c.slug()}-a{alpha:g}", replace(c, alpha=alpha)) for c in cs for alpha in size["alphas"]]
+
+    if name == "iti-localized-vs-random":
+        return iti_runs([replace(c, method="iti") for c in [probe16] + rand])
+    if name == "ipo-vs-iti":
+        return key_runs([full, probe16], []) + iti_runs([replace(probe16, method="iti")])
+    if name in ("ipo-random", "mc"):
+        return key_runs([full, probe16], rand)
+    # single-heads: without replacement, none in the random sets of this size
+    L, H = dims
+    exclude = {h for i in range(size["n_random"]) for h in random_set(i + 1, L, H)}
+    singles = [replace(b, heads=f"single:{l}.{h}") for l, h in single_heads(size["n_single"], L, H, exclude)]
+    return key_runs([full, probe16], singles)
+
+
+def cmd_experiment(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run.py experiment", description="Reproduce one of the paper's figures.")
+    p.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the whole experiment)")
+    p.add_argument("--paper", action="store_true", help="the paper's sizes (for a GPU or a SLURM array)")
+    p.add_argument("--shard", default="0/1", help="i/n: do only the runs with index %% n == i (default 0/1)")
+    p.add_argument("--margin", type=float, default=stats.MARGIN,
+                   help=f"equivalence margin in Truth*Info of 'as good as' (default {stats.MARGIN:g})")
+    p.add_argument("--model", default=RunConfig.model)
+    p.add_argument("--data", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help=DTYPE_HELP)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", default="runs")
+    a = p.parse_args(argv)
+    try:
+        i, n = (int(x) for x in a.shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise UserError(f"--shard {a.shard!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+    if not 0 < a.margin < 1:
+        raise UserError(f"--margin {a.margin}: expected a Truth*Info difference between 0 and 1, e.g. 0.05")
+    if a.quick and a.paper:
+        raise UserError("--quick and --paper: choose one size")
+    size_name = "quick" if a.quick else "paper" if a.paper else "default"
+    size = SIZES[size_name]
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    base = RunConfig(model=a.model, data=a.data, seed=a.seed, dtype=resolve_dtype(a.dtype, a.device), device=a.device)
+    ctx = Context(base)
+    runs = experiment_runs(a.name, base, size, (ctx.model.cfg.n_layers, ctx.model.cfg.n_heads))
+    out = Path(a.out) / f"exp-{size_name}"
+    mine = [r for k, r in enumerate(runs) if k % n == i]
+    log(f"experiment {a.name} ({size_name}): {len(runs)} runs, shard {i}/{n} does {len(mine)}")
+    for k, (rname, c) in enumerate(mine):
+        log(f"--- run {k + 1}/{len(mine)}: {rname}")
+        run(c, out, rname, ctx)
+    finished = {r: json.loads((out / r / "results.json").read_text())
+                for r, _ in runs if (out / r / "results.json").exists()}
+    if len(finished) < len(runs):
+        log(f"{len(finished)}/{len(runs)} runs finished; the figure is drawn once every shard is done")
+        return 0
+    path = experiment_report(a.name, runs, finished, out / a.name, margin=a.margin)
+    log(f"experiment {a.name}: {path}")
+    table = json.loads((path.parent / "table.json").read_text())
+    log(table["summary"])
+    if table["not_converged"]:
+        log(f"WARNING: {len(table['not_converged'])} IPO edit(s) did not converge: {', '.join(table['not_converged'])}")
+    if table["full_model_check"]:
+        log("WARNING: the full-model check FAILED (the full model must bound every localized edit's validation "
+            "loss; its reference is under-trained):\n  " + "\n  ".join(table["full_model_check"]))
+    return 0
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report: rows, tests, figures
+
+FULL_BOUND_TOL = 0.01  # relative slack of the full-model check (validation losses of stopped, not exact, optima)
+CHANNELS = ("truth", "info", "mc1", "mc2")  # the per-question values the tests resample
+N_PERM = 10_000
+
+
+def full_model_check(rows: list[dict]) -> list[str]:
+    """The full model bounds every localized edit: the reparameterised edit at a head set (eq. 4.3) is a
+    restriction of the plain rank-1 LoRA on every layer (eq. 4.1, b^l = W^l b'^l), so at the optimum the full
+    model's validation IPO loss is at most any head set's at the same tau. Returns one line per violation
+    beyond FULL_BOUND_TOL (an under-trained reference: its edits are not optimal, nor the comparison fair)."""
+    bad = []
+    for f in (r for r in rows if r["heads"] == "full" and r["val_loss"] is not None):
+        for r in rows:
+            if r["heads"] != "full" and r["method"] == "ipo" and r["tau"] == f["tau"] and r["val_loss"] is not None \
+                    and f["val_loss"] > r["val_loss"] * (1 + FULL_BOUND_TOL):
+                bad.append(f"tau {f['tau']:g}: the full model's validation IPO loss {f['val_loss']:.4f} exceeds "
+                           f"{r['run']}'s {r['val_loss']:.4f}")
+    return bad
+
+
+def table_rows(runs, res: dict) -> list[dict]:
+    """One row per run: its settings, convergence record, figures and per-question values q [N, 4] (CHANNELS)."""
+    rows, qids = [], None
+    for rname, c in runs:
+        r = res[rname]
+        label = "iti" if c.method == "iti" else "ipo"
+        m, i, pq = r["metrics"][label], r.get("ipo") or {}, r["per_question"][label]
+        if qids is None:
+            qids = pq["qids"]
+        elif pq["qids"] != qids:
+            raise UserError(f"{rname}: evaluated on other test questions than {runs[0][0]}; runs of one experiment "
+                            "must share the split and --n-test")
+        rows.append({"run": rname, "heads": c.heads, "kind": kind(c.heads), "head": ",".join(r["heads"]),
+                     "head_seed": c.head_seed, "train_seed": c.seed if c.train_seed is None else c.train_seed,
+                     "primary": c.train_seed is None, "method": c.method,
+                     "alpha": c.alpha if c.method == "iti" else None, "tau": c.tau if c.method == "ipo" else None,
+                     "knob": c.alpha if c.method == "iti" else c.tau, "lr": i.get("lr"), "steps": i.get("steps"),
+                     "converged": i.get("converged") if label == "ipo" else None, "val_loss": i.get("val_loss"),
+                     **{k: m[k]["value"] for k in METRICS if k in m}, "ci": {k: m[k]["ci95"] for k in METRICS if k in m},
+                     "probe_acc": float(np.mean(list(r["probe_acc_of_heads"].values())))
+                     if r["probe_acc_of_heads"] else None,
+                     "q": np.array([pq[k] for k in CHANNELS], dtype=np.float64).T})  # [N, 4]
+    return rows
+
+
+def _edit(r: dict) -> tuple:
+    """An edit location: (method, heads, head seed)."""
+    return (r["method"], r["heads"], r["head_seed"])
+
+
+def _label(r: dict) -> str:
+    k = r["kind"]
+    return (f"{r['method'].upper()} " + (f"random16 #{r['head_seed']}" if k == "random16" else
+                                         r["heads"][7:] if k == "single" else k))
+
+
+def _arms(rows, loc: tuple, others: list[tuple], knobs, cols) -> np.ndarray | None:
+    """Per-question values [A, K, N, C] of the localized edit (arm 0) and the other edits at the knobs (alphas or
+    taus) they all have, first training seed; None if an arm lacks a knob."""
+    by = {(_edit(r), r["knob"]): r for r in rows if r["primary"]}
+    try:
+        return np.stack([np.stack([by[(e, k)]["q"][:, cols] for k in knobs]) for e in [loc] + others])
+    except KeyError:
+        return None
+
+
+def _seed_groups(rows, key: str = "truth_info") -> list[list[float]]:
+    """The statistic of each edit (and knob) trained with several seeds, one list per configuration."""
+    g: dict[tuple, list] = {}
+    for r in rows:
+        if r["method"] == "ipo":
+            g.setdefault((_edit(r), r["knob"]), []).append(r[key])
+    return [v for v in g.values() if len(v) >= 2]
+
+
+def _mean_over_seeds(rows, e: tuple, knob) -> tuple[np.ndarray, int]:
+    """Per-question values [N, 4] of edit e at knob averaged over its training seeds, and the number of seeds."""
+    qs = [r["q"] for r in rows if _edit(r) == e and r["knob"] == knob]
+    return np.mean(qs, 0), len(qs)
+
+
+def equivalence(rows, e: tuple, ref: tuple, knob, margin: float, seed_var: float) -> dict:
+    """TOST of Truth*Info of edit e against the reference edit at the same knob: paired bootstrap over questions
+    of the difference (each side averaged over its seeds), its variance plus the training-seed variance of the
+    two means (seed_var / k_e + seed_var / k_ref)."""
+    a, ka = _mean_over_seeds(rows, e, knob)
+    b, kb = _mean_over_seeds(rows, ref, knob)
+    diff = float(stats.truth_info(a[:, :2]) - stats.truth_info(b[:, :2]))
+    se_q = stats.bootstrap_se(a[:, :2], b[:, :2])
+    se = float(np.sqrt(se_q ** 2 + seed_var * (1 / ka + 1 / kb)))
+    return {**stats.tost(diff, se, margin), "se_questions": se_q, "seeds": [ka, kb], "knob": knob}
+
+
+def better_than(rows, loc: tuple, others: list[tuple], knobs, key: str = "truth_info") -> dict | None:
+    """"loc beats the others": the paired permutation test (questions; arms permuted per question, pooled over
+    the other edits and the knobs) and the paper's kind of t-test over (edit, knob) pairs."""
+    cols, stat = ([0, 1], stats.truth_info) if key == "truth_info" else ([CHANNELS.index(key)], stats.mean_of)
+    x = _arms(rows, loc, others, knobs, cols)
+    if x is None or len(others) == 0:
+        return None
+    perm = stats.permutation_test(x, stats.localized_gap(stat), n_perm=N_PERM)
+    s = stat(x)  # [A, K]
+    d = (s[0][None, :] - s[1:]).ravel()  # localized minus each other edit, per knob
+    return {"key": key, "knobs": list(knobs), "n_other": len(others), "n_questions": x.shape[2],
+            "localized": s[0].tolist(), "others_mean": s[1:].mean(0).tolist(), "others_min": s[1:].min(0).tolist(),
+            "others_max": s[1:].max(0).tolist(), "permutation": perm, "t_test": stats.t_test(d)}
+
+
+def matched_cost(rows, loc: tuple, others: list[tuple], n_points: int = 5) -> dict | None:
+    """Truth*Info at equal off-target cost: every edit's curve (over alpha or tau) interpolated to KL values
+    inside all curves' ranges, per question, then the permutation test pooled over those KL values."""
+    curves = {}
+    for e in [loc] + others:
+        rs = sorted((r for r in rows if _edit(r) == e and r["primary"]), key=lambda r: r["kl"])
+        if len(rs) < 2:
+            return None
+        curves[e] = rs
+    lo = max(c[0]["kl"] for c in curves.values())
+    hi = min(c[-1]["kl"] for c in curves.values())
+    if not lo < hi:
+        return {"targets": [], "note": f"the curves share no KL range (highest start {lo:.4f}, lowest end {hi:.4f})"}
+    targets = np.linspace(lo, hi, n_points).tolist()
+    x = np.stack([np.stack([stats.at_cost([r["kl"] for r in curves[e]], np.stack([r["q"][:, :2] for r in curves[e]]), t)
+                            for t in targets]) for e in [loc] + others])  # [A, T, N, 2]
+    s = stats.truth_info(x)  # [A, T]
+    return {"targets": targets, "localized": s[0].tolist(), "others_mean": s[1:].mean(0).tolist(),
+            "permutation": stats.permutation_test(x, stats.localized_gap(stats.truth_info), n_perm=N_PERM)}
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def _better_text(b: dict, what: str, knob_name: str) -> list[str]:
+    pm, tt = b["permutation"], b["t_test"]
+    out = [f"| {knob_name} | {what}: localized | others mean | others min | others max |", "|---|---|---|---|---|"]
+    out += [f"| {k:g} | {l:.3f} | {m:.3f} | {lo:.3f} | {hi:.3f} |" for k, l, m, lo, hi in
+            zip(b["knobs"], b["localized"], b["others_mean"], b["others_min"], b["others_max"])]
+    out += ["", f"- **Paired permutation test** (unit: test question, {b['n_questions']} of them; per question the "
+            f"labels of the localized edit and the {b['n_other']} other edits are permuted, all {knob_name}s "
+            f"together; statistic: mean over {knob_name} of localized minus the others' mean {what}; one-sided; "
+            f"{pm['n_perm']} permutations): gap {pm['stat']:+.3f}, **p = {_fmt_p(pm['p'])}**.",
+            f"- The paper's kind of test (one-sample t-test of the {tt['n']} localized-minus-other differences over "
+            f"(edit, {knob_name}) pairs, each pair counted as independent although they share the test questions, "
+            f"so it overstates the evidence): t = {tt['t']:.2f}, df {tt['df']}, p = {_fmt_p(tt['p'])}."]
+    return out
+
+
+def _equiv_table(tests: list[dict], margin: float) -> list[str]:
+    out = ["| edit | vs | at | difference | 90% interval | SE (questions) | SE (all) | smallest margin shown | "
+           "p (TOST) | p (Holm) | as good as? |", "|---" * 11 + "|"]
+    for t in tests:
+        out.append(f"| {t['edit']} | {t['ref']} | {t['at']} | {t['diff']:+.3f} | [{t['ci90'][0]:+.3f}, "
+                   f"{t['ci90'][1]:+.3f}] | {t['se_questions']:.3f} | {t['se']:.3f} | {t['min_margin']:.3f} | "
+                   f"{_fmt_p(t['p'])} | {_fmt_p(t['p_holm'])} | {'**yes**' if t['p_holm'] < 0.05 else 'not shown'} |")
+    out += ["", f"Two one-sided tests (TOST) of |difference in Truth*Info| < {margin:g} (`--margin`): the difference "
+            "is paired over the test questions (bootstrap standard error) with the training-seed variance added "
+            "(see Seed variance), normal approximation; Holm's correction across the rows. 'Smallest margin "
+            "shown': the margin at which this data would just declare equivalence (unadjusted).", ""]
+    return out
+
+
+def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats.MARGIN) -> Path:
+    """The report of one experiment from its finished runs: every edit's row (convergence, figures), the tests
+    the figure's claim needs, the full-model check, and the figure(s) (with matplotlib)."""
+    d.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(runs, res)
+    metrics = [k for k in METRICS if all(k in r for r in rows)]
+    base = next(iter(res.values()))["metrics"]["base"]
+    n_q = rows[0]["q"].shape[0]
+    lines = [f"# {name}: {EXPERIMENTS[name]}", "",
+             f"{len(runs)} runs, {n_q} test questions. Probe examples (for probe16 and the probe accuracies): "
+             f"{PROBE_LAYOUT_TEXT[runs[0][1].probe_layout]}, read at the last token. Every IPO edit: the learning "
+             "rate of lowest validation loss from its grid, trained until the validation loss levelled off (see "
+             "the run reports).", "",
+             "| run | heads | tau / alpha | train seed | converged | lr | val loss | " + " | ".join(metrics) + " |",
+             "|---" * (7 + len(metrics)) + "|",
+             "| base | - | - | - | - | - | - | " + " | ".join(f"{base[k]['value']:.3f}" for k in metrics) + " |"]
+    for r in rows:
+        conv = "-" if r["converged"] is None else "yes" if r["converged"] else "**NO**"
+        knob = f"tau {r['tau']:g}" if r["method"] == "ipo" else f"alpha {r['alpha']:g}"
+        lines.append(f"| {r['run']} | {r['heads']} | {knob} | {r['train_seed'] if r['method'] == 'ipo' else '-'} | "
+                     f"{conv} | " + (f"{r['lr']:g}" if r["lr"] else "-") + " | "
+                     + (f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-") + " | "
+                     + " | ".join(f"{r[k]:.3f}" for k in metrics) + " |")
+    lines += ["", "95% intervals (bootstrap over questions; texts for KL, CE) are in the run reports and table.json.", ""]
+    unconverged = [r["run"] for r in rows if r["converged"] is False]
+    if unconverged:
+        lines += [f"**{len(unconverged)} IPO edit(s) did NOT converge** (step budget spent while the validation loss "
+                  f"still fell): {', '.join(unconverged)}. Their figures understate what an edit there can do.", ""]
+
+    # seed variance of the key edits (the same edit and tau, several training seeds)
+    groups = _seed_groups(rows)
+    seed_var, seed_df = stats.seed_variance(groups)
+    tests: dict = {"seed_variance": {"var": seed_var, "df": seed_df, "groups": groups}}
+    if groups:
+        lines += ["## Seed variance", "", "Truth*Info of the edits trained with several seeds (same split, test "
+                  "questions and learning rate; the initialisation and pair order differ): "
+                  + "; ".join(f"{_label(r)} tau {r['tau']:g}: " + ", ".join(
+                      f"{x['truth_info']:.3f}" for x in rows if _edit(x) == _edit(r) and x["knob"] == r["knob"])
+                      for r in rows if r["primary"] and any(
+                          _edit(x) == _edit(r) and x["knob"] == r["knob"] and not x["primary"] for x in rows)),
+                  "", f"Pooled seed standard deviation {np.sqrt(seed_var):.3f} ({seed_df} df). The equivalence "
+                  "tests below add it to the question-bootstrap variance of every difference.", ""]
+    else:
+        lines += ["No edit here was trained with several seeds, so the tests hold the edits fixed (question "
+                  "resampling only).", ""]
+
+    prim = [r for r in rows if r["primary"]]
+    edits = list(dict.fromkeys(_edit(r) for r in prim))
+    knobs = lambda e: sorted({r["knob"] for r in prim if _edit(r) == e})
+    loc_ipo, loc_iti, full = ("ipo", "probe16", 0), ("iti", "probe16", 0), ("ipo", "full", 0)
+    rand = lambda m: [e for e in edits if e[0] == m and e[1] == "random16"]
+    summary = []
+    if name in ("iti-localized-vs-random", "ipo-random", "mc"):
+        m, loc = ("iti", loc_iti) if name.startswith("iti") else ("ipo", loc_ipo)
+        ks = sorted(set(knobs(loc)).intersection(*[knobs(e) for e in rand(m)]))  # the knobs every edit has
+        knob_name = "alpha" if m == "iti" else "tau"
+        keys = ("truth_info", "mc2") if name != "mc" else ("mc2", "mc1")
+        for key in keys:
+            b = better_than(rows, loc, rand(m), ks, key)
+            if b is None:
+                continue
+            tests[f"better_{key}"] = b
+            what = {"truth_info": "Truth*Info", "mc2": "MC2", "mc1": "MC1"}[key]
+            lines += [f"## Is probe16 better than random 16-head sets? ({what}, {m.upper()}, equal {knob_name})", ""]
+            lines += _better_text(b, what, knob_name) + [""]
+            summary.append(f"{what}: probe16 {np.mean(b['localized']):.3f} vs random mean "
+                           f"{np.mean(b['others_mean']):.3f}, permutation p = {_fmt_p(b['permutation']['p'])}")
+        mcost = matched_cost(rows, loc, rand(m))
+        tests["matched_cost"] = mcost
+        lines += ["## At equal off-target cost (Truth*Info against KL on neutral text)", ""]
+        if mcost is None:
+            lines += [f"Needs at least two {knob_name}s per edit (a curve to interpolate along); this size has "
+                      f"{len(ks)}.", ""]
+        elif not mcost["targets"]:
+            lines += [mcost["note"] + ".", ""]
+        else:
+            pm = mcost["permutation"]
+            lines += ["| KL | probe16 | random mean |", "|---|---|---|"]
+            lines += [f"| {t:.4f} | {l:.3f} | {o:.3f} |" for t, l, o in
+                      zip(mcost["targets"], mcost["localized"], mcost["others_mean"])]
+            lines += ["", f"Each edit's per-question Truth and Info interpolated linearly along its {knob_name} "
+                      "curve to the same KL; the permutation test as above, pooled over these KL values: gap "
+                      f"{pm['stat']:+.3f}, **p = {_fmt_p(pm['p'])}**.", ""]
+            summary.append(f"at equal KL: gap {pm['stat']:+.3f}, p = {_fmt_p(pm['p'])}")
+    eq = []
+    if name in ("ipo-vs-iti", "ipo-random", "single-heads") and full in edits:
+        cands = [loc_ipo] + (rand("ipo") if name == "ipo-random" else
+                             [e for e in edits if e[0] == "ipo" and kind(e[1]) == "single"])
+        refs = [full] + ([loc_ipo] if name == "single-heads" else [])
+        for ref in refs:
+            for e in cands:
+                if e == ref or e not in edits:
+                    continue
+                for k in (knobs(e) if name == "ipo-vs-iti" else knobs(e)[:1]):
+                    if k in knobs(ref):
+                        t = equivalence(rows, e, ref, k, margin, seed_var)
+                        eq.append({**t, "edit": _label(next(r for r in prim if _edit(r) == e)),
+                                   "ref": _label(next(r for r in prim if _edit(r) == ref)), "at": f"tau {k:g}",
+                                   "edit_key": list(e), "ref_key": list(ref)})
+        for t, p in zip(eq, stats.holm([t["p"] for t in eq])):
+            t["p_holm"] = p
+        tests["equivalence"] = eq
+        if eq:
+            lines += [f"## As good as? (equivalence within {margin:g} Truth*Info)", ""] + _equiv_table(eq, margin)
+            for ref in {t["ref"] for t in eq}:
+                tt = [t for t in eq if t["ref"] == ref]
+                summary.append(f"{sum(t['p_holm'] < 0.05 for t in tt)}/{len(tt)} shown as good as {ref} "
+                               f"(margin {margin:g}; smallest margin shown {min(t['min_margin'] for t in tt):.3f})")
+    if name == "ipo-vs-iti" and loc_iti in edits and loc_ipo in edits:
+        # IPO (at each tau) against ITI at its best alpha: a swap test per question (two arms)
+        best_a = max((r for r in prim if _edit(r) == loc_iti), key=lambda r: r["truth_info"])["knob"]
+        x = np.stack([np.stack([r["q"][:, :2] for r in sorted(prim, key=lambda r: r["knob"]) if _edit(r) == loc_ipo]),
+                      np.stack([r["q"][:, :2] for r in prim if _edit(r) == loc_iti and r["knob"] == best_a]
+                               * len(knobs(loc_ipo)))])
+        pm = stats.permutation_test(x, stats.localized_gap(stats.truth_info), n_perm=N_PERM)
+        tests["ipo_vs_iti"] = {"best_alpha": best_a, "permutation": pm}
+        lines += ["## Is IPO better than ITI at probe16?", "",
+                  f"IPO at probe16 (mean over tau) against ITI at its best alpha ({best_a:g}, chosen on the test "
+                  f"questions, which favours ITI): Truth*Info gap {pm['stat']:+.3f}, paired permutation (swap per "
+                  f"question) **p = {_fmt_p(pm['p'])}**.", ""]
+        summary.append(f"IPO - ITI at probe16: {pm['stat']:+.3f}, p = {_fmt_p(pm['p'])}")
+
+    check = full_model_check(rows)
+    if any(r["heads"] == "full" for r in rows):
+        lines += ["## Full-model check", "",
+                  "The edit at a head set is a restriction of the plain rank-1 LoRA on every layer, so the full "
+                  "model's validation IPO loss must be at most every head set's at the same tau (checked with "
+                  f"{FULL_BOUND_TOL:.0%} slack). "
+                  + ("It holds for every edit." if not check else
+                     f"**FAILED** ({len(check)}): the full-model reference is under-trained, so no edit here may be "
+                     "read as 'as good as the full model'.\n\n" + "\n".join(f"- {x}" for x in check)), ""]
+    pics = figures(name, rows, tests, d, margin, {k: base[k]["value"] for k in metrics})
+    lines += [f"![{p.stem}]({p.name})" for p in pics] or ["(matplotlib is not installed: no pictures)"]
+    summary_line = f"{name}: " + ("; ".join(summary) if summary else "no test applies at this size")
+    write_json(d / "table.json", {"rows": [{k: v for k, v in r.items() if k != "q"} for r in rows],
+                                  "base": {k: base[k]["value"] for k in metrics}, "tests": tests,
+                                  "margin": margin, "full_model_check": check, "not_converged": unconverged,
+                                  "summary": summary_line})
+    write_atomic(d / "report.md", "\n".join(lines + ["", "Summary: " + summary_line]) + "\n")
+    return d / "report.md"
+
+
+def _color(r: dict) -> str:
+    return {"probe16": "C3", "full": "k", "random16": "C0", "single": "C2"}.get(r["kind"], "C4")
+
+
+def _curves(rows, method: str | None = None):
+    """Each edit's primary curve over its knob (alpha or tau), as (edit, rows sorted by knob)."""
+    out: dict[tuple, list] = {}
+    for r in rows:
+        if r["primary"] and (method is None or r["method"] == method):
+            out.setdefault(_edit(r), []).append(r)
+    return [(e, sorted(rs, key=lambda r: r["knob"])) for e, rs in out.items()]
+
+
+def _plot_curves(ax, rows, x: str, y: str, method: str | None = None, label_once=True):
+    seen = set()
+    for e, rs in _curves(rows, method):
+        r0 = rs[0]
+        lab = _label(r0) if r0["kind"] in ("probe16", "full") else (
+            f"{r0['method'].upper()} {r0['kind']}" if r0["kind"] not in seen else None)
+        seen.add(r0["kind"])
+        ax.plot([r[x] for r in rs], [r[y] for r in rs], "--" if r0["method"] == "iti" else "-", marker="o", ms=4,
+                c=_color(r0), lw=2 if r0["kind"] in ("probe16", "full") else 1, alpha=1 if r0["kind"] != "random16"
+                else 0.6, label=lab, mfc="none" if any(r["converged"] is False for r in rs) else _color(r0))
+
+
+def figures(name: str, rows: list[dict], tests: dict, d: Path, margin: float, base: dict) -> list[Path]:
+    """The experiment's figure as the paper draws it (one picture per figure); [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig_no = {"iti-localized-vs-random": 1, "ipo-vs-iti": 2, "ipo-random": 3, "single-heads": 4, "mc": 5}[name]
+    hollow = " (hollow markers: not converged)" if any(r["converged"] is False for r in rows) else ""
+    if fig_no == 1:
+        fig, ax = plt.subplots(1, 4, figsize=(20, 4.5))
+        _plot_curves(ax[0], rows, "alpha", "truth_info")
+        ax[0].set(xlabel="alpha", ylabel="Truth*Info", title="Truth*Info over alpha")
+        _plot_curves(ax[1], rows, "info", "truth")
+        ax[1].set(xlabel="Info", ylabel="Truth", title="Truth vs Info (along alpha)")
+        _plot_curves(ax[2], rows, "kl", "mc2")
+        ax[2].set(xlabel="KL on neutral text", ylabel="MC2", title="MC vs KL")
+        _plot_curves(ax[3], rows, "kl", "truth_info")
+        ax[3].set(xlabel="KL on neutral text", ylabel="Truth*Info", title="at equal off-target cost")
+        b = tests.get("better_truth_info")
+        sub = f"; probe16 > random: permutation p = {_fmt_p(b['permutation']['p'])}" if b else ""
+        fig.suptitle(f"Fig. 1: ITI at probe16 (red) vs random 16-head sets (blue){sub}")
+    elif fig_no == 2:
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4.5))
+        for a, (x, y, t) in zip(ax, (("info", "truth", "Truth-Info trade-off"),
+                                     ("kl", "truth_info", "Truth*Info against KL"))):
+            _plot_curves(a, rows, x, y)
+            a.scatter([base.get(x, 0.0)], [base[y]], marker="*", s=150, c="grey", label="base", zorder=3)
+            a.set(xlabel={"info": "Info", "kl": "KL on neutral text"}[x], ylabel={"truth": "Truth"}.get(y, "Truth*Info"),
+                  title=t)
+        fig.suptitle("Fig. 2: ITI over alpha (dashed) and IPO over tau (solid) at probe16 (red), full-model IPO "
+                     "(black)" + hollow)
+    elif fig_no in (3, 4):
+        fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+        if fig_no == 3:
+            _plot_curves(ax[0], rows, "info", "truth", "ipo")
+            ax[0].scatter([base["info"]], [base["truth"]], marker="*", s=150, c="grey", label="base")
+            ax[0].set(xlabel="Info", ylabel="Truth", title="Truth vs Info (IPO over tau)")
+        else:  # single heads: probe accuracy against Truth*Info
+            s = [r for r in rows if r["primary"] and r["kind"] == "single"]
+            ax[0].scatter([r["probe_acc"] for r in s], [r["truth_info"] for r in s], c="C2")
+            for r in s:
+                ax[0].annotate(r["heads"][7:], (r["probe_acc"], r["truth_info"]), fontsize=7)
+            ax[0].set(xlabel="probe accuracy of the head", ylabel="Truth*Info", title="single heads")
+        # Truth*Info of every edit at the first tau (with its 95% interval) against the full model's band
+        t0 = min(r["tau"] for r in rows if r["method"] == "ipo")
+        es = [r for r in rows if r["primary"] and r["method"] == "ipo" and r["tau"] == t0]
+        es.sort(key=lambda r: ({"full": 0, "probe16": 1}.get(r["kind"], 2), r["truth_info"]))
+        full = next((r for r in es if r["kind"] == "full"), None)
+        if full:
+            ax[1].axhspan(full["truth_info"] - margin, full["truth_info"] + margin, color="k", alpha=0.1,
+                          label=f"full model +- {margin:g} (equivalence margin)")
+            ax[1].axhline(full["truth_info"], c="k", lw=1)
+        for k, r in enumerate(es):
+            lo, hi = r["ci"]["truth_info"]
+            ax[1].errorbar([k], [r["truth_info"]], yerr=[[r["truth_info"] - lo], [hi - r["truth_info"]]], fmt="o",
+                           c=_color(r), mfc="none" if r["converged"] is False else _color(r))
+        eqd = {(t["edit"], t["ref"]): t for t in tests.get("equivalence", [])}
+        ax[1].set_xticks(range(len(es)), [_label(r)[4:] + (" *" if eqd.get((_label(r), "IPO full"), {}).get(
+            "p_holm", 1) < 0.05 else "") for r in es], rotation=60, ha="right", fontsize=7)
+        ax[1].set(ylabel="Truth*Info", title=f"IPO at tau {t0:g} (95% intervals; *: shown as good as the full model)")
+        ax[1].legend(fontsize=7)
+        fig.suptitle(("Fig. 3: IPO at random 16-head sets (blue), probe16 (red), full model (black)" if fig_no == 3
+                      else "Fig. 4: IPO at single heads (green), probe16 (red), full model (black)") + hollow)
+    else:
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4.5))
+        for a, y in zip(ax, ("mc2", "mc1")):
+            for r in rows:
+                if r["primary"]:
+                    a.scatter(r["kl"], r[y], c=_color(r), s=30)
+            a.scatter([base["kl"]], [base[y]], marker="*", s=150, c="grey")
+            a.set(xlabel="KL on neutral text", ylabel=y.upper(), title=f"{y.upper()} vs KL")
+        b = tests.get("better_mc2")
+        sub = f"; probe16 > random on MC2: permutation p = {_fmt_p(b['permutation']['p'])}" if b else ""
+        fig.suptitle(f"Fig. 5: IPO at probe16 (red), random 16-head sets (blue), full model (black){sub}")
+    for a in np.atleast_1d(ax):
+        if a.get_legend_handles_labels()[0] and not a.get_legend():
+            a.legend(fontsize=7)
+    fig.tight_layout()
+    path = d / f"fig{fig_no}.png"
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,136 @@
+"""experiments.py: every experiment lists its runs (shared by name), single heads are distinct and outside the
+random sets, and every report and figure is written from fabricated results, with tests that find a planted
+effect and the full-model check that fails on an under-trained reference."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import experiments as ex
+import run
+import stats
+
+
+def fabricate(runs, boost: dict | None = None, n: int = 120, seed: int = 0, val: dict | None = None) -> dict:
+    """Finished results for every run: per-question truth/info/MC at a base rate, raised for the head kinds in
+    `boost` (kind -> added probability), metrics computed from them, KL rising with alpha / tau."""
+    rng = np.random.default_rng(seed)
+    boost = boost or {}
+    res = {}
+    base_m = {k: {"value": 0.3, "ci95": [0.2, 0.4]} for k in run.METRICS}
+    for rname, c in runs:
+        p = 0.55 + boost.get(ex.kind(c.heads), 0.0)
+        t, i = (rng.random(n) < p).astype(float), (rng.random(n) < 0.8).astype(float)
+        mc1, mc2 = (rng.random(n) < p).astype(float), np.clip(rng.normal(p, 0.2, n), 0, 1)
+        knob = c.alpha if c.method == "iti" else c.tau
+        kl = 0.02 * knob * (2 if c.heads == "probe16" else 1) + 0.01 * rng.random()
+        m = {"truth": t.mean(), "info": i.mean(), "truth_info": t.mean() * i.mean(), "mc1": mc1.mean(),
+             "mc2": mc2.mean(), "mc3": mc2.mean(), "kl": kl, "ce": 3.0, "kl_qa": kl, "ce_qa": 3.0}
+        label = "iti" if c.method == "iti" else "ipo"
+        heads = [c.heads[7:]] if c.heads.startswith("single:") else ["1.2", "3.4"]
+        vl = (val or {}).get(c.heads, 20.0 + (c.heads != "full"))
+        ipo = {"lr": 1e-3, "steps": 100, "converged": c.head_seed != 2, "val_loss": vl}
+        res[rname] = {"metrics": {"base": base_m, label: {k: {"value": float(v), "ci95": [v - 0.1, v + 0.1]}
+                                                          for k, v in m.items()}},
+                      "per_question": {label: {"qids": list(range(n)), "truth": t.tolist(), "info": i.tolist(),
+                                               "mc1": mc1.tolist(), "mc2": mc2.tolist()}},
+                      "heads": heads, "ipo": ipo if label == "ipo" else None,
+                      "probe_acc_of_heads": {} if c.heads == "full" else {h: 0.6 for h in heads}}
+    return res
+
+
+@pytest.mark.parametrize("size", list(ex.SIZES))
+@pytest.mark.parametrize("name", list(ex.EXPERIMENTS))
+def test_experiment_runs(name, size):
+    s = ex.SIZES[size]
+    runs = ex.experiment_runs(name, run.RunConfig(), s)
+    assert len({r for r, _ in runs}) == len(runs) and all(c.lr_factors == list(s["lr_factors"]) for _, c in runs)
+    ipo_runs = [c for _, c in runs if c.method == "ipo"]
+    if ipo_runs:  # the full-model bound at every tau; key edits at each extra training seed
+        assert {c.tau for c in ipo_runs if c.heads == "full"} == set(s["key_taus"]) | set(s["taus"])
+        assert {c.train_seed for c in ipo_runs if c.heads == "full"} == {None, *s["train_seeds"]}
+    if name == "single-heads":
+        singles = [(c.heads, c.tau) for c in ipo_runs if c.heads.startswith("single:")]
+        assert len(singles) == len(set(singles)) == s["n_single"] * len(s["taus"])
+        assert len({h for h, _ in singles}) == s["n_single"]
+
+
+def test_single_heads_are_distinct_and_outside_the_random_sets():
+    s = dict(ex.SIZES["paper"], n_single=60)
+    exclude = {h for i in range(s["n_random"]) for h in ex.random_set(i + 1, 30, 9)}
+    heads = ex.single_heads(60, 30, 9, exclude)
+    assert len(set(heads)) == 60 and not set(heads) & exclude
+    assert heads == ex.single_heads(60, 30, 9, exclude)  # seeded
+    with pytest.raises(run.UserError):
+        ex.single_heads(270 - len(exclude) + 1, 30, 9, exclude)
+
+
+@pytest.mark.parametrize("name", list(ex.EXPERIMENTS))
+def test_every_report_and_figure_from_fabricated_results(name, tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = ex.experiment_runs(name, run.RunConfig(), ex.SIZES["default"])
+    res = fabricate(runs, boost={"probe16": 0.3})
+    text = ex.experiment_report(name, runs, res, tmp_path).read_text()
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert "| base |" in text and all(f"| {r} |" in text for r, _ in runs) and "(x, y, x_random)" in text
+    fig = {"iti-localized-vs-random": 1, "ipo-vs-iti": 2, "ipo-random": 3, "single-heads": 4, "mc": 5}[name]
+    assert (tmp_path / f"fig{fig}.png").stat().st_size > 10_000 and f"fig{fig}.png" in text
+    assert len(table["rows"]) == len(runs) and table["summary"].startswith(name)
+    t = table["tests"]
+    if name in ("iti-localized-vs-random", "ipo-random", "mc"):  # a planted 0.3 effect is found
+        key = "better_mc2" if name == "mc" else "better_truth_info"
+        assert t[key]["permutation"]["p"] < 0.01 and "Paired permutation test" in text and "t-test" in text
+    if name == "iti-localized-vs-random":  # matched cost along alpha
+        assert t["matched_cost"]["targets"] and "At equal off-target cost" in text
+    if name in ("ipo-vs-iti", "ipo-random", "single-heads"):
+        assert t["equivalence"] and "As good as?" in text and all("p_holm" in e for e in t["equivalence"])
+        assert t["seed_variance"]["df"] >= 2 and "## Seed variance" in text
+        assert "## Full-model check" in text and "It holds for every edit." in text
+    if name == "ipo-vs-iti":
+        assert "Is IPO better than ITI" in text
+    assert ("did NOT converge" in text) == any(c.head_seed == 2 and c.method == "ipo" for _, c in runs)
+
+
+def test_equivalence_of_identical_edits_and_of_distant_ones(tmp_path):
+    """Random sets that give the full model's answers are shown as good as it; sets 0.3 below are not."""
+    runs = ex.experiment_runs("ipo-random", run.RunConfig(), dict(ex.SIZES["default"], train_seeds=()))
+    res = fabricate(runs, n=400)
+    full = next(r for r, c in runs if c.heads == "full" and c.tau == 0.1)
+    for r, c in runs:
+        if c.heads == "random16":
+            res[r]["per_question"] = res[full]["per_question"]
+    ex.experiment_report("ipo-random", runs, res, tmp_path / "same")
+    eq = json.loads((tmp_path / "same" / "table.json").read_text())["tests"]["equivalence"]
+    assert all(e["p_holm"] < 0.05 for e in eq if "random16" in e["edit"])
+    res = fabricate(runs, boost={"random16": -0.3}, n=400)
+    ex.experiment_report("ipo-random", runs, res, tmp_path / "far")
+    eq = json.loads((tmp_path / "far" / "table.json").read_text())["tests"]["equivalence"]
+    assert not any(e["p_holm"] < 0.05 for e in eq if "random16" in e["edit"])
+
+
+def test_full_model_check_fails_on_an_undertrained_reference(tmp_path):
+    """A full-model edit whose validation loss is above a head set's (beyond the 1% slack) fails the check,
+    loudly in the report and table.json."""
+    size = dict(ex.SIZES["quick"], n_random=1, taus=(0.1, 0.5), key_taus=(0.1, 0.5))
+    runs = ex.experiment_runs("ipo-random", run.RunConfig(), size)
+    res = fabricate(runs)
+    for r, c in runs:  # at tau 0.1 the full model loses to probe16
+        res[r]["ipo"]["val_loss"] = {"full": 19.0, "probe16": 18.0, "random16": 20.0}[c.heads] if c.tau == 0.1 \
+            else 0.9 + 0.1 * (c.heads != "full")
+    text = ex.experiment_report("ipo-random", runs, res, tmp_path / "x").read_text()
+    check = json.loads((tmp_path / "x" / "table.json").read_text())["full_model_check"]
+    assert "**FAILED** (1)" in text and len(check) == 1 and "tau 0.1" in check[0] and "probe16" in check[0]
+    for r, c in runs:  # within the slack (1% of 0.9 > 0.0089) it holds
+        res[r]["ipo"]["val_loss"] = {"full": 0.9089, "probe16": 0.9, "random16": 0.95}[c.heads]
+    ex.experiment_report("ipo-random", runs, res, tmp_path / "y")
+    assert json.loads((tmp_path / "y" / "table.json").read_text())["full_model_check"] == []
+
+
+def test_runs_on_other_test_questions_are_refused(tmp_path):
+    runs = ex.experiment_runs("mc", run.RunConfig(), ex.SIZES["quick"])
+    res = fabricate(runs)
+    res[runs[1][0]]["per_question"]["ipo"]["qids"] = list(range(1, 121))
+    with pytest.raises(run.UserError, match="other test questions"):
+        ex.experiment_report("mc", runs, res, tmp_path)
