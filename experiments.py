@@ -37,7 +37,7 @@ EXPERIMENTS = {
     "mc": "Fig. 5: MC scores of probe-localized vs random heads under IPO",
 }
 # n_random: random 16-head sets (head seeds 1..n); n_single: single heads; alphas: ITI strengths; taus: IPO taus of
-# every edit; key_taus: the taus of the key edits (full model, probe16), the IPO curves of Fig. 2; train_seeds:
+# every edit; key_taus: the taus of the key edits (full model, probe16) in Fig. 2, their IPO curves; train_seeds:
 # the extra IPO training seeds of the key edits (seed variance); lr_factors: the learning-rate grid (multiples of
 # the paper's rate); max_pairs, epochs: training pairs and step budget; n_test: test questions (None: all).
 SIZES = {
@@ -91,10 +91,10 @@ def experiment_runs(name: str, base: RunConfig, size: dict, dims: tuple[int, int
     def ipo_runs(cs, ts):
         return [(c.slug(), c) for c in (replace(c, tau=t) for t in ts for c in cs)]
 
-    def key_runs(cs, others):
+    def key_runs(cs, others, curves=False):  # curves: the key edits at every key tau too (Fig. 2)
         return (ipo_runs(cs, taus[:1]) + ipo_runs(others, taus)
                 + ipo_runs([replace(c, train_seed=s) for s in seeds for c in cs], taus[:1])
-                + ipo_runs(cs, [t for t in key_taus if t != taus[0]]))
+                + ipo_runs(cs, [t for t in (key_taus if curves else taus) if t != taus[0]]))
 
     def iti_runs(cs):
         return [(f"{c.slug()}-a{alpha:g}", replace(c, alpha=alpha)) for c in cs for alpha in size["alphas"]]
@@ -102,7 +102,7 @@ def experiment_runs(name: str, base: RunConfig, size: dict, dims: tuple[int, int
     if name == "iti-localized-vs-random":
         return iti_runs([replace(c, method="iti") for c in [probe16] + rand])
     if name == "ipo-vs-iti":
-        return key_runs([full, probe16], []) + iti_runs([replace(probe16, method="iti")])
+        return key_runs([full, probe16], [], curves=True) + iti_runs([replace(probe16, method="iti")])
     if name in ("ipo-random", "mc"):
         return key_runs([full, probe16], rand)
     # single-heads: without replacement, none in the random sets of this size
@@ -341,7 +341,8 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
     base = next(iter(res.values()))["metrics"]["base"]
     n_q = rows[0]["q"].shape[0]
     lines = [f"# {name}: {EXPERIMENTS[name]}", "",
-             f"{len(runs)} runs, {n_q} test questions. Probe examples (for probe16 and the probe accuracies): "
+             f"{len(runs)} runs, {n_q} test questions, model `{runs[0][1].model}` in {runs[0][1].dtype} (the dtype "
+             "changes the numbers slightly). Probe examples (for probe16 and the probe accuracies): "
              f"{PROBE_LAYOUT_TEXT[runs[0][1].probe_layout]}, read at the last token. Every IPO edit: the learning "
              "rate of lowest validation loss from its grid, trained until the validation loss levelled off (see "
              "the run reports).", "",
@@ -373,7 +374,18 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
                       for r in rows if r["primary"] and any(
                           _edit(x) == _edit(r) and x["knob"] == r["knob"] and not x["primary"] for x in rows)),
                   "", f"Pooled seed standard deviation {np.sqrt(seed_var):.3f} ({seed_df} df). The equivalence "
-                  "tests below add it to the question-bootstrap variance of every difference.", ""]
+                  "tests below add it to the question-bootstrap variance of every difference. With it, the key "
+                  "edits' Truth*Info (mean over seeds, 95% interval over questions and seeds):", "",
+                  "| edit | tau | seeds | Truth*Info | 95% interval |", "|---|---|---|---|---|"]
+        for r in rows:
+            if r["primary"] and r["method"] == "ipo" and r["kind"] in ("full", "probe16"):
+                q, k = _mean_over_seeds(rows, _edit(r), r["knob"])
+                v = float(stats.truth_info(q[:, :2]))
+                half = 1.96 * float(np.sqrt(stats.bootstrap_se(q[:, :2], None) ** 2 + seed_var / k))
+                tests.setdefault("key_intervals", []).append({"edit": _label(r), "tau": r["tau"], "seeds": k,
+                                                              "value": v, "ci95": [v - half, v + half]})
+                lines.append(f"| {_label(r)} | {r['tau']:g} | {k} | {v:.3f} | [{v - half:.3f}, {v + half:.3f}] |")
+        lines.append("")
     else:
         lines += ["No edit here was trained with several seeds, so the tests hold the edits fixed (question "
                   "resampling only).", ""]

@@ -74,7 +74,7 @@ class RunConfig:
     train_seed: int | None = None  # the IPO initialisation and pair order alone (None: seed); split, probes unchanged
     tau: float = 0.1
     lr: list[float] | None = None  # the learning-rate grid; None: lr_factors x the paper's rate for the head count
-    lr_factors: list[float] = field(default_factory=lambda: [16.0])  # experiments: ipo.LR_FACTORS (1, 4, 16)
+    lr_factors: list[float] = field(default_factory=lambda: [16.0])  # experiments at paper size: ipo.LR_FACTORS
     scale: float = 1.0  # LoRA scaling lora_alpha / r
     epochs: int = 1  # the step budget, in passes over the training pairs; the stopping rule usually ends sooner
     batch_size: int = 4
@@ -138,7 +138,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-factors", type=_positive_list, default=d.lr_factors,
                    help="the learning-rate grid as multiples of the paper's rate for the head count (2e-3 one head, "
                         f"5e-4 sixteen, 1e-4 full); default {d.lr_factors[0]:g}, the multiple the selection chose at "
-                        f"every head count measured; experiments select from {grid}")
+                        f"every head count measured; experiments at --paper size select from {grid}")
     p.add_argument("--lora-scale", type=_positive, default=d.scale, help="LoRA scaling lora_alpha / r (default 1)")
     p.add_argument("--epochs", type=_pos_int, default=None,
                    help=f"IPO step budget in epochs (default {d.epochs}; paper 2); training stops sooner once converged")
