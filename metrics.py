@@ -4,6 +4,7 @@
   Truth, Info  `truth_info`: fractions of answers the judges (judge.py) call true / informative, mean scores,
                and Truth*Info = Truth x Info
   MC1/2/3      `mc_scores`: TruthfulQA's multiple-choice metrics from the sum of answer-token log-probabilities
+  preference   `preference`: held-out preference accuracy and mean margin of chosen over rejected (no judge)
   KL, CE       `kl_ce`: mean per-token KL(base || edited) of next-token distributions on neutral text, and the
                edited model's cross-entropy on it
   CIs          `bootstrap_ci`, `bootstrap_ci_product` over questions, `bootstrap_ci_ratio` over texts (KL, CE)
@@ -118,6 +119,26 @@ def shared_prefix(model: Llama, tokenizer, prompts, questions: Sequence, edit: E
     with torch.inference_mode():
         kv = prefix_cache(model, full[0][:P], edit)  # per layer (k, v): [1, K, P, D]
     return kv, [f[P:] for f in full]
+
+
+def preference(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit | None = None) -> dict:
+    """The judge-free measure of a behaviour on held-out preference pairs (every chosen x rejected answer pair
+    of each question): the margin log p(chosen | x) - log p(rejected | x) (per-token mean log-probs, as IPO
+    trains them) and the preference accuracy, the fraction of pairs with a positive margin. Returns
+    "pref_acc", "pref_margin" (means over pairs) and per-question means ("per_question")."""
+    import ipo
+    import truthfulqa
+
+    pairs = truthfulqa.preference_pairs(list(questions), [q.qid for q in questions])
+    lp = ipo.pair_logprobs(model, ipo.encode_pairs(tokenizer, pairs, prompts), edit, average=True)  # [n, 2]
+    m = (lp[:, 0] - lp[:, 1]).tolist()  # [n]
+    by_q: dict[int, list[float]] = {}
+    for p, v in zip(pairs, m):
+        by_q.setdefault(p.qid, []).append(v)
+    per = [by_q.get(q.qid, [float("nan")]) for q in questions]
+    return {"pref_acc": float(np.mean([v > 0 for v in m])), "pref_margin": float(np.mean(m)),
+            "per_question": {"pref_acc": [float(np.mean([v > 0 for v in x])) for x in per],
+                             "pref_margin": [float(np.mean(x)) for x in per]}}
 
 
 def mc_scores(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit | None = None,
