@@ -31,7 +31,8 @@ COLUMNS = ("Category", "Question", "Best Answer", "Correct Answers", "Incorrect 
 # Probe texts (`probe_examples`). "paper": Wang & Veitch's (x, y, x_random), the question, the answer, then another
 # question drawn at random; "iti": the question and the answer (ITI writes "Q: {question} A: {answer}"; ours
 # matches the prompts). Probes read the last token, so "paper" reads at the end of the random question.
-PROBE_LAYOUTS = {"paper": "Q: {question}\nA: {answer}\nQ: {other}", "iti": "Q: {question}\nA: {answer}"}
+PROBE_LAYOUTS = {"paper": "Q: {question}\nA: {answer}\nQ: {other}", "iti": "Q: {question}\nA: {answer}",
+                 "raw": "{question}{answer}"}  # raw: a pairs file's prompt as written, then the answer (pairs.py)
 PROBE_LAYOUT = PROBE_LAYOUTS["iti"]  # in Prompts.layout_id (kept, so that cache keys built on it stay valid)
 
 
