@@ -1,0 +1,269 @@
+"""localize.py: the paper's argument as a test of any localization claim.
+
+    python run.py localize --heads probe16                           # TruthfulQA, against 8 random head sets
+    python run.py localize --heads grad16 --null layer-matched       # heads picked by IPO gradient, same layers
+    python run.py localize --heads 14.1,19.2 --null complement       # is anything outside these heads needed?
+    python run.py localize --heads probe16 --pairs FILE.jsonl        # any behaviour as preference pairs
+
+A localization claim backed by an edit means something only if optimal edits elsewhere do worse. The command
+trains the optimal edit (run.py's IPO run: the same learning-rate rule, stopping rule and budget for every
+edit) at the candidate heads, at N null head sets of the same size and over the full model, evaluates each, and
+reports the candidate's rank among the nulls, whether it is better than them (stats.permutation_test), which
+nulls and whether the full model are as good as it (stats.tost, Holm), a picture, and a verdict in words.
+
+Nulls: "random" (uniform head sets of the candidate's size), "layer-matched" (in each of the candidate's layers,
+as many other heads of that layer: a stronger null) and "complement" (every head but the candidate's: if it
+does as well, the candidate is not necessary). The measure: Truth*Info on TruthfulQA, held-out preference
+accuracy on a pairs file; preference margin, MC and KL on neutral text beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import stats
+from llama import write_file_atomic
+from run import METRICS, Context, RunConfig, UserError, log, run, write_atomic, write_json
+
+NULLS = ("random", "layer-matched", "complement")
+GRAD_PAIRS = 64  # training pairs whose IPO gradient ranks the heads for gradK
+
+
+def head_str(heads) -> str:
+    return ",".join(f"{l}.{h}" for l, h in sorted(heads))
+
+
+def null_sets(cand: list[tuple[int, int]], kind: str, n: int, n_layers: int, n_heads: int, seed: int = 0
+              ) -> list[list[tuple[int, int]]]:
+    """The null head sets of a candidate: n uniform random sets of its size, n layer-matched sets (in each
+    candidate layer as many other heads of that layer, drawn without replacement), or the single complement."""
+    cs = set(cand)
+    all_heads = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    if kind == "complement":
+        rest = [x for x in all_heads if x not in cs]
+        if not rest:
+            raise UserError("--null complement: the candidate holds every head; its complement is empty")
+        return [rest]
+    out = []
+    for i in range(n):
+        rng = random.Random(f"null:{kind}:{seed}:{i}")
+        if kind == "random":
+            out.append(sorted(rng.sample(all_heads, len(cand))))
+        elif kind == "layer-matched":
+            s = []
+            for l in sorted({l for l, _ in cand}):
+                k = sum(1 for x in cand if x[0] == l)
+                others = [(l, h) for h in range(n_heads) if (l, h) not in cs]
+                if len(others) < k:
+                    raise UserError(f"--null layer-matched: layer {l} has {k} candidate heads and only "
+                                    f"{len(others)} other heads to match them")
+                s += rng.sample(others, k)
+            out.append(sorted(s))
+        else:
+            raise UserError(f"--null {kind!r}: expected one of {', '.join(NULLS)}")
+    return out
+
+
+def grad_heads(model, tokenizer, pairs, prompts, k: int, tau: float = 0.1, seed: int = 0, batch_size: int = 4
+               ) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """gradK: the k heads whose b_h^l receives the largest IPO gradient at initialisation (eq. 4.3 with every
+    head active, b = 0, a drawn as for training), summed over a few batches of training pairs. The first-order
+    head importance of the edit itself. Returns (heads, score [L, H] = ||dL/db_h^l||)."""
+    import ipo
+
+    c = model.cfg
+    edit = ipo.Rank1Edit.at_heads(c, torch.ones(c.n_layers, c.n_heads, dtype=torch.bool), seed=seed).to(model.device)
+    data = ipo.encode_pairs(tokenizer, pairs, prompts)
+    ref = ipo.pair_logprobs(model, data, None)  # [n, 2]: the edit is zero at b = 0, so the reference is the model
+    for start in range(0, len(data), batch_size):
+        loss, _ = ipo.ipo_step_loss(model, data, list(range(start, min(start + batch_size, len(data)))), ref, edit, tau)
+        loss.backward()  # gradients accumulate in edit.b: [L, H*D]
+    score = edit.b.grad.detach().float().cpu().view(c.n_layers, c.n_heads, c.head_dim).norm(dim=-1)  # [L, H]
+    order = torch.argsort(score.flatten(), descending=True)[:k].tolist()
+    return sorted((i // c.n_heads, i % c.n_heads) for i in order), score
+
+
+def localize_runs(base: RunConfig, cand: list[tuple[int, int]], nulls: list[list[tuple[int, int]]], null: str
+                  ) -> list[tuple[str, RunConfig]]:
+    """(name, config) of every edit: the candidate, each null set, the full model; all IPO at base's settings."""
+    b = replace(base, method="ipo")
+    return ([("candidate", replace(b, heads=head_str(cand)))]
+            + [(f"{null}-{i + 1}", replace(b, heads=head_str(s))) for i, s in enumerate(nulls)]
+            + [("full", replace(b, heads="full"))])
+
+
+def _measure(res: dict) -> tuple[str, list[int], callable]:
+    """The verdict's measure: Truth*Info where the judges scored the run (TruthfulQA), else preference accuracy."""
+    pq = res["per_question"]["ipo"]
+    if "truth" in pq:
+        return "truth_info", ["truth", "info"], stats.truth_info
+    return "pref_acc", ["pref_acc"], stats.mean_of
+
+
+def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin: float = stats.MARGIN,
+                    extra: dict | None = None) -> dict:
+    """Rank, tests, picture and verdict of a localize run from its finished runs. Returns the verdict dict (also
+    in d/verdict.json; the report in d/report.md)."""
+    d.mkdir(parents=True, exist_ok=True)
+    key, chans, stat = _measure(res["candidate"])
+    what = {"truth_info": "Truth*Info", "pref_acc": "held-out preference accuracy"}[key]
+    x = {name: np.array([res[name]["per_question"]["ipo"][c] for c in chans], dtype=np.float64).T  # [N, C]
+         for name, _ in runs}
+    val = {name: float(stat(x[name])) for name in x}
+    null_names = [name for name, _ in runs if name not in ("candidate", "full")]
+    cand = val["candidate"]
+    n_ge = sum(val[n] >= cand for n in null_names)
+    perm = stats.permutation_test(np.stack([x["candidate"][None]] + [x[n][None] for n in null_names]),
+                                  stats.localized_gap(stat), n_perm=10_000)
+    eq_nulls = [{"null": n, **stats.tost(val[n] - cand, stats.bootstrap_se(x[n], x["candidate"], stat), margin)}
+                for n in null_names]
+    for e, p in zip(eq_nulls, stats.holm([e["p"] for e in eq_nulls])):
+        e["p_holm"] = p
+    eq_full = stats.tost(cand - val["full"], stats.bootstrap_se(x["candidate"], x["full"], stat), margin)
+    n_eq = sum(e["p_holm"] < 0.05 for e in eq_nulls)
+    n = len(null_names)
+    conv = {name: (res[name].get("ipo") or {}).get("converged") for name, _ in runs}
+    # the verdict, in words
+    if perm["p"] < 0.05:
+        v = (f"The candidate ({cand_spec}) beats the {null} null: {what} {cand:.3f} against {n - n_ge} of {n} null "
+             f"sets below it (paired permutation test over test questions, p = {perm['p']:.2g}). Optimal edits "
+             f"elsewhere do worse, so edit success here is evidence that these heads matter for the behaviour"
+             + (" (and that the rest of the model cannot stand in for them)." if null == "complement" else
+                f"; {n_eq} of {n} null sets are nonetheless shown as good within {margin:g}."))
+    else:
+        v = (f"{n_ge} of {n} {null} head sets do as well as the candidate ({cand_spec}) or better on {what} "
+             f"({cand:.3f}; permutation p = {perm['p']:.2g}; {n_eq} of {n} shown equivalent within {margin:g}, "
+             "TOST with Holm): edit success at these heads is no evidence that they localize the behaviour.")
+    v += (f" Against the full model ({val['full']:.3f}) the candidate is "
+          + ("shown as good" if eq_full["equivalent"] else "not shown as good")
+          + f" within {margin:g} (difference {cand - val['full']:+.3f}, TOST p = {eq_full['p']:.2g}).")
+    if any(c is False for c in conv.values()):
+        v += (" WARNING: " + ", ".join(k for k, c in conv.items() if c is False) + " did not converge: their "
+              "figures understate what an edit there can do.")
+    cols = [k for k in METRICS + ("pref_acc", "pref_margin") if k in res["candidate"]["metrics"]["ipo"] and k != key]
+    lines = [f"# localize {cand_spec} against the {null} null", "", v, "",
+             f"| edit | heads | {what} | " + " | ".join(cols) + " | converged |", "|---" * (4 + len(cols)) + "|"]
+    for name, c in runs:
+        m = res[name]["metrics"]["ipo"]
+        lines.append(f"| {name} | {c.heads if len(c.heads) < 60 else str(len(res[name]['heads'])) + ' heads'} | "
+                     f"{val[name]:.3f} | " + " | ".join(f"{m[k]['value']:.3f}" for k in cols)
+                     + f" | {'yes' if conv[name] else '**NO**'} |")
+    lines += ["", f"- Rank: {n_ge} of {n} null sets reach the candidate's {what} (point values).",
+              f"- Better than the nulls: paired permutation test (unit: test question; labels of the candidate and the "
+              f"{n} null edits permuted per question; {perm['n_perm']} permutations): gap {perm['stat']:+.3f}, "
+              f"p = {perm['p']:.2g}.",
+              f"- As good as the candidate: TOST within {margin:g} (`--margin`) on the paired bootstrap over questions, "
+              f"Holm across the {n} null sets: " + ", ".join(f"{e['null']} {e['diff']:+.3f} (p {e['p_holm']:.2g})"
+                                                             for e in eq_nulls) + ".", ""]
+    if extra:
+        lines += [f"- {k}: {v_}" for k, v_ in extra.items()] + [""]
+    pic = _picture(runs, res, val, what, d, cand_spec, null)
+    lines += [f"![null distribution]({pic.name})"] if pic else ["(matplotlib is not installed: no picture)"]
+    out = {"candidate": cand_spec, "null": null, "measure": key, "values": val, "rank": n_ge, "n_null": n,
+           "permutation": perm, "equivalent_nulls": eq_nulls, "vs_full": eq_full, "verdict": v,
+           "converged": conv, **({"extra": extra} if extra else {})}
+    write_json(d / "verdict.json", out)
+    write_atomic(d / "report.md", "\n".join(lines) + "\n")
+    return out
+
+
+def _picture(runs, res, val, what, d: Path, cand_spec, null) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [n for n, _ in runs if n not in ("candidate", "full")]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].hist([val[n] for n in names], bins=max(5, len(names)), color="C0", alpha=0.7, label=f"{null} null sets")
+    ax[0].axvline(val["candidate"], c="C3", lw=2, label=f"candidate {cand_spec}")
+    ax[0].axvline(val["full"], c="k", lw=2, ls="--", label="full model")
+    ax[0].set(xlabel=what, ylabel="null sets", title="the candidate among the nulls")
+    ax[0].legend(fontsize=7)
+    for n, _ in runs:
+        m = res[n]["metrics"]["ipo"]
+        c = "C3" if n == "candidate" else "k" if n == "full" else "C0"
+        ax[1].scatter(m["kl"]["value"], val[n], c=c, s=40 if c != "C0" else 20)
+    ax[1].set(xlabel="KL on neutral text", ylabel=what, title="at what off-target cost")
+    fig.tight_layout()
+    path = d / "localize.png"
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path
+
+
+def cmd_localize(argv: list[str]) -> int:
+    from run import add_run_args, config_from_args
+
+    p = argparse.ArgumentParser(prog="run.py localize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p)
+    p.add_argument("--null", choices=NULLS, default="random", help="the null head sets (default random)")
+    p.add_argument("--n", type=int, default=8, help="null sets (default 8; complement: always 1)")
+    p.add_argument("--shard", default="0/1", help="i/n: do only the edits with index %% n == i (default 0/1)")
+    p.add_argument("--margin", type=float, default=stats.MARGIN, help=f"equivalence margin (default {stats.MARGIN:g})")
+    argv = list(argv)
+    m = re.fullmatch(r"grad(\d+)", _flag(argv, "--heads") or "")
+    if m:  # gradK is resolved below, once the model is loaded; the run parser sees a placeholder
+        argv[argv.index("--heads") + 1] = "random" + m.group(1)
+    a = p.parse_args(argv)
+    if not 1 <= a.n <= 1000:
+        raise UserError(f"--n {a.n}: expected between 1 and 1000 null sets")
+    if not 0 < a.margin < 1:
+        raise UserError(f"--margin {a.margin}: expected a difference between 0 and 1, e.g. 0.05")
+    try:
+        si, sn = (int(x) for x in a.shard.split("/"))
+        assert 0 <= si < sn
+    except (ValueError, AssertionError):
+        raise UserError(f"--shard {a.shard!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+    if a.method != "ipo" or a.heads == "full":
+        raise UserError("localize trains IPO edits at a head set: give --heads a head set and no --method")
+    base = config_from_args(a)
+    ctx = Context(base)
+    c = ctx.model.cfg
+    extra = {}
+    if m:
+        import truthfulqa
+
+        k = int(m.group(1))
+        pairs = random.Random(base.seed).sample(truthfulqa.preference_pairs(ctx.questions, ctx.split.train),
+                                                GRAD_PAIRS)
+        cand, score = grad_heads(ctx.model, ctx.tok, pairs, ctx.prompts, k, tau=base.tau, seed=base.seed)
+        spec = f"grad{k}"
+        probe_top = set(map(tuple, ctx.mask(replace(base, heads=f"probe{k}")).nonzero().tolist()))
+        extra["gradK"] = (f"{spec} = the {k} heads of largest IPO gradient at initialisation ({GRAD_PAIRS} training "
+                          f"pairs): {head_str(cand)}; {len(probe_top & set(cand))} of them are among probe{k}")
+    else:
+        spec = a.heads
+        cand = [tuple(x) for x in ctx.mask(base).nonzero().tolist()]
+    nulls = null_sets(cand, a.null, a.n, c.n_layers, c.n_heads, base.seed)
+    runs = localize_runs(base, cand, nulls, a.null)
+    tag = re.sub(r"[^A-Za-z0-9.+-]", "", spec.replace(",", "+"))[:40]
+    out = Path(a.out) / f"localize-{tag}-{a.null}-s{base.seed}"
+    mine = [r for k_, r in enumerate(runs) if k_ % sn == si]
+    log(f"localize {spec} ({len(cand)} heads: {head_str(cand)}) against {len(nulls)} {a.null} null set(s) and the full "
+        f"model: {len(runs)} edits, shard {si}/{sn} does {len(mine)}")
+    for k_, (name, rc) in enumerate(mine):
+        log(f"--- edit {k_ + 1}/{len(mine)}: {name} ({len(rc.heads.split(',')) if rc.heads != 'full' else 'all'} heads)")
+        run(rc, out, name, ctx)
+    done = {name: json.loads((out / name / "results.json").read_text()) for name, _ in runs
+            if (out / name / "results.json").exists()}
+    if len(done) < len(runs):
+        log(f"{len(done)}/{len(runs)} edits finished; the verdict is drawn once every shard is done")
+        return 0
+    v = localize_report(runs, done, out, spec, a.null, a.margin, extra)
+    log(f"localize: {out / 'report.md'}\n{v['verdict']}")
+    return 0
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv and argv.index(name) + 1 < len(argv) else None

@@ -1,0 +1,82 @@
+"""localize.py: null sets have the candidate's size (and layers), gradK finds heads planted in a tiny model, and
+the verdict says "special" exactly when the candidate beats its nulls."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import localize as lz
+import run
+from tiny import CharTokenizer, tiny_config, write_tiny
+
+
+def test_null_sets():
+    cand = [(0, 1), (0, 2), (3, 0)]
+    r = lz.null_sets(cand, "random", 5, 4, 3, seed=0)
+    assert len(r) == 5 and all(len(s) == len(set(s)) == 3 for s in r) and r == lz.null_sets(cand, "random", 5, 4, 3)
+    m = lz.null_sets(cand, "layer-matched", 4, 4, 5, seed=0)
+    for s in m:  # same layers, same count per layer, none of the candidate's heads
+        assert sorted(l for l, _ in s) == [0, 0, 3] and not set(s) & set(cand)
+    (c,) = lz.null_sets(cand, "complement", 9, 4, 3)
+    assert len(c) == 12 - 3 and not set(c) & set(cand)
+    with pytest.raises(run.UserError, match="layer 0 has 3 candidate heads"):
+        lz.null_sets([(0, 0), (0, 1), (0, 2)], "layer-matched", 1, 4, 3)
+    with pytest.raises(run.UserError, match="complement is empty"):
+        lz.null_sets([(l, h) for l in range(2) for h in range(2)], "complement", 1, 2, 2)
+
+
+def test_grad_heads_finds_planted_heads(tmp_path):
+    """Heads whose o_proj columns are zero cannot move the output: their b_h gets no gradient, so gradK picks
+    exactly the heads left intact."""
+    from safetensors.torch import load_file, save_file
+
+    from llama import Llama
+    import truthfulqa
+
+    path = write_tiny(tmp_path / "m", tiny_config(vocab=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8))
+    w = load_file(str(path / "model.safetensors"))
+    planted = [(0, 2), (2, 1)]
+    for l in range(3):
+        o = w[f"model.layers.{l}.self_attn.o_proj.weight"].view(24, 4, 8)
+        for h in range(4):
+            if (l, h) not in planted:
+                o[:, h] = 0
+    save_file(w, str(path / "model.safetensors"))
+    model = Llama.from_pretrained(str(path), dtype="fp32")
+    pairs = [truthfulqa.Pair(i, f"Q{i} is", " yes", " no") for i in range(6)]
+    heads, score = lz.grad_heads(model, CharTokenizer(), pairs, lambda q: q, k=2, seed=0)
+    assert heads == planted and score.shape == (3, 4)
+    assert all(score[l, h] == 0 for l in range(3) for h in range(4) if (l, h) not in planted)
+
+
+def fabricate(n_null: int, cand_p: float, null_p: float, full_p: float, n=300, seed=0, judged=True):
+    rng = np.random.default_rng(seed)
+    runs = lz.localize_runs(run.RunConfig(), [(0, 1)], [[(1, i)] for i in range(n_null)], "random")
+    res = {}
+    for name, c in runs:
+        p = cand_p if name == "candidate" else full_p if name == "full" else null_p
+        t = (rng.random(n) < p).astype(float)
+        pq = {"truth": t.tolist(), "info": np.ones(n).tolist()} if judged else {"pref_acc": t.tolist()}
+        m = {k: {"value": float(np.mean(v)), "ci95": [0, 1]} for k, v in pq.items()}
+        m["kl"] = {"value": 0.1, "ci95": [0, 0.2]}
+        res[name] = {"per_question": {"ipo": pq}, "metrics": {"ipo": m}, "heads": c.heads.split(","),
+                     "ipo": {"converged": True}}
+    return runs, res
+
+
+@pytest.mark.parametrize("judged", [True, False])
+def test_verdicts(tmp_path, judged):
+    runs, res = fabricate(6, 0.8, 0.5, 0.8, judged=judged)  # a candidate far above its nulls
+    v = lz.localize_report(runs, res, tmp_path / "a", "probe1", "random")
+    assert v["permutation"]["p"] < 0.01 and v["rank"] == 0 and "beats the random null" in v["verdict"]
+    assert v["measure"] == ("truth_info" if judged else "pref_acc")
+    assert (tmp_path / "a" / "localize.png").stat().st_size > 5000
+    assert json.loads((tmp_path / "a" / "verdict.json").read_text())["verdict"] == v["verdict"]
+    runs, res = fabricate(6, 0.6, 0.6, 0.6, seed=1, judged=judged)  # no localized signal
+    v = lz.localize_report(runs, res, tmp_path / "b", "probe1", "random")
+    assert v["permutation"]["p"] > 0.05 and "no evidence that they localize" in v["verdict"]
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "| candidate |" in text and "| full |" in text and "Holm" in text
