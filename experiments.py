@@ -171,7 +171,8 @@ def cmd_experiment(argv: list[str]) -> int:
 # The report: rows, tests, figures
 
 FULL_BOUND_TOL = 0.01  # relative slack of the full-model check (validation losses of stopped, not exact, optima)
-CHANNELS = ("truth", "info", "mc1", "mc2")  # the per-question values the tests resample
+CHANNELS = ("truth", "info", "mc1", "mc2", "truth_score", "info_score")  # per-question values the tests resample
+TI, TI_SCORE = [0, 1], [4, 5]  # Truth*Info from the judges' verdicts (>= 0.5), and from their mean scores
 N_PERM = 10_000
 
 
@@ -191,7 +192,7 @@ def full_model_check(rows: list[dict]) -> list[str]:
 
 
 def table_rows(runs, res: dict) -> list[dict]:
-    """One row per run: its settings, convergence record, figures and per-question values q [N, 4] (CHANNELS)."""
+    """One row per run: its settings, convergence record, figures and per-question values q [N, 6] (CHANNELS)."""
     rows, qids = [], None
     for rname, c in runs:
         r = res[rname]
@@ -211,7 +212,7 @@ def table_rows(runs, res: dict) -> list[dict]:
                      **{k: m[k]["value"] for k in METRICS if k in m}, "ci": {k: m[k]["ci95"] for k in METRICS if k in m},
                      "probe_acc": float(np.mean(list(r["probe_acc_of_heads"].values())))
                      if r["probe_acc_of_heads"] else None,
-                     "q": np.array([pq[k] for k in CHANNELS], dtype=np.float64).T})  # [N, 4]
+                     "q": np.array([pq[k] for k in CHANNELS], dtype=np.float64).T})  # [N, 6]
     return rows
 
 
@@ -251,14 +252,14 @@ def _mean_over_seeds(rows, e: tuple, knob) -> tuple[np.ndarray, int]:
     return np.mean(qs, 0), len(qs)
 
 
-def equivalence(rows, e: tuple, ref: tuple, knob, margin: float, seed_var: float) -> dict:
+def equivalence(rows, e: tuple, ref: tuple, knob, margin: float, seed_var: float, cols=TI) -> dict:
     """TOST of Truth*Info of edit e against the reference edit at the same knob: paired bootstrap over questions
     of the difference (each side averaged over its seeds), its variance plus the training-seed variance of the
     two means (seed_var / k_e + seed_var / k_ref)."""
     a, ka = _mean_over_seeds(rows, e, knob)
     b, kb = _mean_over_seeds(rows, ref, knob)
-    diff = float(stats.truth_info(a[:, :2]) - stats.truth_info(b[:, :2]))
-    se_q = stats.bootstrap_se(a[:, :2], b[:, :2])
+    diff = float(stats.truth_info(a[:, cols]) - stats.truth_info(b[:, cols]))
+    se_q = stats.bootstrap_se(a[:, cols], b[:, cols])
     se = float(np.sqrt(se_q ** 2 + seed_var * (1 / ka + 1 / kb)))
     return {**stats.tost(diff, se, margin), "se_questions": se_q, "seeds": [ka, kb], "knob": knob}
 
@@ -266,7 +267,10 @@ def equivalence(rows, e: tuple, ref: tuple, knob, margin: float, seed_var: float
 def better_than(rows, loc: tuple, others: list[tuple], knobs, key: str = "truth_info") -> dict | None:
     """"loc beats the others": the paired permutation test (questions; arms permuted per question, pooled over
     the other edits and the knobs) and the paper's kind of t-test over (edit, knob) pairs."""
-    cols, stat = ([0, 1], stats.truth_info) if key == "truth_info" else ([CHANNELS.index(key)], stats.mean_of)
+    if key in ("truth_info", "truth_info_score"):
+        cols, stat = (TI if key == "truth_info" else TI_SCORE), stats.truth_info
+    else:
+        cols, stat = [CHANNELS.index(key)], stats.mean_of
     x = _arms(rows, loc, others, knobs, cols)
     if x is None or len(others) == 0:
         return None
@@ -320,15 +324,17 @@ def _better_text(b: dict, what: str, knob_name: str) -> list[str]:
 
 def _equiv_table(tests: list[dict], margin: float) -> list[str]:
     out = ["| edit | vs | at | difference | 90% interval | SE (questions) | SE (all) | smallest margin shown | "
-           "p (TOST) | p (Holm) | as good as? |", "|---" * 11 + "|"]
+           "p (TOST) | p (Holm) | as good as? | on mean scores |", "|---" * 12 + "|"]
     for t in tests:
         out.append(f"| {t['edit']} | {t['ref']} | {t['at']} | {t['diff']:+.3f} | [{t['ci90'][0]:+.3f}, "
                    f"{t['ci90'][1]:+.3f}] | {t['se_questions']:.3f} | {t['se']:.3f} | {t['min_margin']:.3f} | "
-                   f"{_fmt_p(t['p'])} | {_fmt_p(t['p_holm'])} | {'**yes**' if t['p_holm'] < 0.05 else 'not shown'} |")
+                   f"{_fmt_p(t['p'])} | {_fmt_p(t['p_holm'])} | {'**yes**' if t['p_holm'] < 0.05 else 'not shown'} | "
+                   f"{t['on_scores']['diff']:+.3f}, {'yes' if t['on_scores']['p_holm'] < 0.05 else 'not shown'} |")
     out += ["", f"Two one-sided tests (TOST) of |difference in Truth*Info| < {margin:g} (`--margin`): the difference "
             "is paired over the test questions (bootstrap standard error) with the training-seed variance added "
             "(see Seed variance), normal approximation; Holm's correction across the rows. 'Smallest margin "
-            "shown': the margin at which this data would just declare equivalence (unadjusted).", ""]
+            "shown': the margin at which this data would just declare equivalence (unadjusted). 'On mean scores': the "
+            "difference and verdict with Truth*Info from the judges' mean scores instead of their 0/1 verdicts.", ""]
     return out
 
 
@@ -411,6 +417,14 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
             lines += _better_text(b, what, knob_name) + [""]
             summary.append(f"{what}: probe16 {np.mean(b['localized']):.3f} vs random mean "
                            f"{np.mean(b['others_mean']):.3f}, permutation p = {_fmt_p(b['permutation']['p'])}")
+            if key == "truth_info":  # the same test on the judges' mean scores (issue: robust conclusions)
+                bs = better_than(rows, loc, rand(m), ks, "truth_info_score")
+                tests["better_truth_info_score"] = bs
+                same = (bs["permutation"]["p"] < 0.05) == (b["permutation"]["p"] < 0.05)
+                lines += [f"- On the judges' mean scores instead of their verdicts (mean truth score x mean info "
+                          f"score): gap {bs['permutation']['stat']:+.3f}, p = {_fmt_p(bs['permutation']['p'])}: "
+                          + ("the same conclusion at 0.05." if same else "**a different conclusion at 0.05**."), ""]
+                summary.append("the same on mean judge scores" if same else "NOT the same on mean judge scores")
         mcost = matched_cost(rows, loc, rand(m))
         tests["matched_cost"] = mcost
         lines += ["## At equal off-target cost (Truth*Info against KL on neutral text)", ""]
@@ -440,18 +454,25 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
                 for k in (knobs(e) if name == "ipo-vs-iti" else knobs(e)[:1]):
                     if k in knobs(ref):
                         t = equivalence(rows, e, ref, k, margin, seed_var)
+                        t["on_scores"] = equivalence(rows, e, ref, k, margin, seed_var, TI_SCORE)
                         eq.append({**t, "edit": _label(next(r for r in prim if _edit(r) == e)),
                                    "ref": _label(next(r for r in prim if _edit(r) == ref)), "at": f"tau {k:g}",
                                    "edit_key": list(e), "ref_key": list(ref)})
-        for t, p in zip(eq, stats.holm([t["p"] for t in eq])):
-            t["p_holm"] = p
+        for t, p, ps in zip(eq, stats.holm([t["p"] for t in eq]), stats.holm([t["on_scores"]["p"] for t in eq])):
+            t["p_holm"], t["on_scores"]["p_holm"] = p, ps
         tests["equivalence"] = eq
         if eq:
             lines += [f"## As good as? (equivalence within {margin:g} Truth*Info)", ""] + _equiv_table(eq, margin)
-            for ref in {t["ref"] for t in eq}:
+            for ref in dict.fromkeys(t["ref"] for t in eq):
                 tt = [t for t in eq if t["ref"] == ref]
-                summary.append(f"{sum(t['p_holm'] < 0.05 for t in tt)}/{len(tt)} shown as good as {ref} "
-                               f"(margin {margin:g}; smallest margin shown {min(t['min_margin'] for t in tt):.3f})")
+                k, ks_ = sum(t["p_holm"] < 0.05 for t in tt), sum(t["on_scores"]["p_holm"] < 0.05 for t in tt)
+                summary.append(f"{k}/{len(tt)} shown as good as {ref} (margin {margin:g}; smallest margin shown "
+                               f"{min(t['min_margin'] for t in tt):.3f}; on mean judge scores {ks_}/{len(tt)})")
+            same = all((t["p_holm"] < 0.05) == (t["on_scores"]["p_holm"] < 0.05) for t in eq)
+            lines += ["On the judges' mean scores instead of their verdicts the equivalence tests conclude "
+                      + ("the same for every row." if same else "differently for: " + ", ".join(
+                          f"{t['edit']} vs {t['ref']}" for t in eq
+                          if (t["p_holm"] < 0.05) != (t["on_scores"]["p_holm"] < 0.05)) + "."), ""]
     if name == "ipo-vs-iti" and loc_iti in edits and loc_ipo in edits:
         # IPO (at each tau) against ITI at its best alpha: a swap test per question (two arms)
         best_a = max((r for r in prim if _edit(r) == loc_iti), key=lambda r: r["truth_info"])["knob"]

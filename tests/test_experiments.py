@@ -24,6 +24,7 @@ def fabricate(runs, boost: dict | None = None, n: int = 120, seed: int = 0, val:
         p = 0.55 + boost.get(ex.kind(c.heads), 0.0)
         t, i = (rng.random(n) < p).astype(float), (rng.random(n) < 0.8).astype(float)
         mc1, mc2 = (rng.random(n) < p).astype(float), np.clip(rng.normal(p, 0.2, n), 0, 1)
+        ts, is_ = np.clip(t * 0.8 + rng.random(n) * 0.2, 0, 1), np.clip(i * 0.8 + rng.random(n) * 0.2, 0, 1)
         knob = c.alpha if c.method == "iti" else c.tau
         kl = 0.02 * knob * (2 if c.heads == "probe16" else 1) + 0.01 * rng.random()
         m = {"truth": t.mean(), "info": i.mean(), "truth_info": t.mean() * i.mean(), "mc1": mc1.mean(),
@@ -35,7 +36,8 @@ def fabricate(runs, boost: dict | None = None, n: int = 120, seed: int = 0, val:
         res[rname] = {"metrics": {"base": base_m, label: {k: {"value": float(v), "ci95": [v - 0.1, v + 0.1]}
                                                           for k, v in m.items()}},
                       "per_question": {label: {"qids": list(range(n)), "truth": t.tolist(), "info": i.tolist(),
-                                               "mc1": mc1.tolist(), "mc2": mc2.tolist()}},
+                                               "mc1": mc1.tolist(), "mc2": mc2.tolist(),
+                                               "truth_score": ts.tolist(), "info_score": is_.tolist()}},
                       "heads": heads, "ipo": ipo if label == "ipo" else None,
                       "probe_acc_of_heads": {} if c.heads == "full" else {h: 0.6 for h in heads}}
     return res
@@ -82,6 +84,8 @@ def test_every_report_and_figure_from_fabricated_results(name, tmp_path):
     if name in ("iti-localized-vs-random", "ipo-random", "mc"):  # a planted 0.3 effect is found
         key = "better_mc2" if name == "mc" else "better_truth_info"
         assert t[key]["permutation"]["p"] < 0.01 and "Paired permutation test" in text and "t-test" in text
+        if name != "mc":  # the conclusion on the judges' mean scores is reported beside it
+            assert t["better_truth_info_score"]["permutation"]["p"] < 0.01 and "the same on mean judge scores" in text
     if name == "iti-localized-vs-random":  # matched cost along alpha
         assert t["matched_cost"]["targets"] and "At equal off-target cost" in text
     if name in ("ipo-vs-iti", "ipo-random", "single-heads"):
