@@ -410,8 +410,13 @@ KNOWN_MODELS = {
 
 
 def cache_dir() -> pathlib.Path:
-    """$EDITLOC_CACHE, or ~/.cache/editloc."""
-    return pathlib.Path(os.environ.get("EDITLOC_CACHE") or pathlib.Path.home() / ".cache" / "editloc")
+    """$EDITLOC_CACHE, or ~/.cache/editloc (a directory, created when first written to)."""
+    env = os.environ.get("EDITLOC_CACHE")
+    path = pathlib.Path(env or pathlib.Path.home() / ".cache" / "editloc").expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{'$EDITLOC_CACHE' if env else 'the cache directory'} {path}: not a directory"
+                         + ("" if env else "; set $EDITLOC_CACHE to a directory"))
+    return path
 
 
 def _log(msg: str) -> None:
@@ -511,6 +516,10 @@ def resolve_model(name_or_path: str | os.PathLike) -> pathlib.Path:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: expected a directory or a .gguf file")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
         target = cache_dir() / "models" / f"gguf-{sha256_file(path)[:16]}"
         if not (target / "config.json").is_file():
             _log(f"converting {path} to float32 HF format in {target}")

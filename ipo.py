@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from llama import Edit, Llama, Progress, shared_prefix_len, write_file_atomic
+from llama import Edit, Llama, Progress, note_kept, shared_prefix_len, write_file_atomic
 from probe import head_list
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,15 +195,20 @@ class Rank1Edit(Edit):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such edit file")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "editloc.Rank1Edit":
-                raise ValueError(f"{path}: not a Rank1Edit file (metadata format {meta.get('format')!r})")
-            t = {k: f.get_tensor(k) for k in ("a", "b", "mask")}
-        c = json.loads(meta["config"])
-        edit = cls(meta["kind"], t["mask"], c["d_model"], c["head_dim"], scale=json.loads(meta.get("scale", "1.0")))
-        edit.load_state(t)
-        edit.meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "kind", "scale")}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "editloc.Rank1Edit":
+                    raise TypeError(f"metadata format {meta.get('format')!r}")
+                t = {k: f.get_tensor(k) for k in ("a", "b", "mask")}
+            c = json.loads(meta["config"])
+            edit = cls(meta["kind"], t["mask"], c["d_model"], c["head_dim"],
+                       scale=json.loads(meta.get("scale", "1.0")))
+            edit.load_state(t)
+            edit.meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "kind", "scale")}
+        except Exception as e:  # safetensors raises its own error type (a missing tensor, a damaged file)
+            raise ValueError(f"{path}: not a complete Rank1Edit file (tensors a, b, mask and editloc's metadata): "
+                             f"{e}") from None
         return edit
 
 
@@ -593,6 +598,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
 
     def save_ckpt(state: dict) -> None:
         write_file_atomic(ckpt, lambda tmp: torch.save(state, tmp))
+        note_kept("ipo", f"IPO training at step {state['step']} (lr {lr:g}, in {ckpt})")
 
     def status() -> str:
         v = curve[-1]
@@ -660,6 +666,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
         f"{step} steps; best validation loss {best['loss']:.4f} at step {best['step']} "
         f"(margin {at_best['val_margin']:+.3f}, preference accuracy {at_best['val_acc']:.3f})")
     edit.save(out / "edit.safetensors", {"metrics": metrics, "run": run})
+    note_kept("ipo", None)
     return edit, metrics
 
 

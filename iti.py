@@ -92,8 +92,13 @@ class ITIEdit(llama.Edit):
             raise ValueError(f"{path}: not an ITI edit file (safetensors with theta and mask): {e}") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        edit = cls(theta, mask, float(meta["alpha"]), meta.get("directions", "mass_mean"), int(meta.get("seed", 0)))
-        if json.loads(meta["heads"]) != edit.heads:
+        try:
+            edit = cls(theta, mask, float(meta["alpha"]), meta.get("directions", "mass_mean"),
+                       int(meta.get("seed", 0)))
+            heads = json.loads(meta["heads"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{path}: incomplete ITI metadata or tensors ({e!r})") from None
+        if heads != edit.heads:
             raise ValueError(f"{path}: heads in the metadata {meta['heads']} do not match the mask {edit.heads}")
         return edit
 

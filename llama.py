@@ -112,7 +112,11 @@ class Config:
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "Config":
         """Read the config.json of an HF LlamaForCausalLM (Llama-1/2/3 style, transformers 4 or 5)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         arch = d.get("architectures") or []
+        if not isinstance(arch, list):
+            raise ValueError(f"{source}: architectures {arch!r}: expected a list")
         if d.get("model_type", "llama") != "llama" or any(a != "LlamaForCausalLM" for a in arch):
             raise ValueError(f"{source}: model_type {d.get('model_type')!r} / architectures {arch}: "
                              "expected a LlamaForCausalLM checkpoint")
@@ -123,23 +127,43 @@ class Config:
             raise ValueError(f"{source}: hidden_act {d['hidden_act']!r}: expected 'silu'")
         # rope theta: top level in transformers <= 4 (and Llama-1/2 files), rope_parameters in transformers 5
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: rope_parameters / rope_scaling {rope!r}: expected an object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
             raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only 'default')")
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        try:
-            M, H = int(d["hidden_size"]), int(d["num_attention_heads"])
-            eos = d.get("eos_token_id")
-            return cls(
-                d_model=M, n_layers=int(d["num_hidden_layers"]), n_heads=H,
-                n_kv_heads=int(d.get("num_key_value_heads") or H),
-                head_dim=int(d.get("head_dim") or M // H), d_mlp=int(d["intermediate_size"]),
-                vocab_size=int(d["vocab_size"]), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(theta), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-                max_seq_len=int(d.get("max_position_embeddings", 4096)), bos_id=d.get("bos_token_id"),
-                eos_id=eos[0] if isinstance(eos, list) else eos, hf=dict(d))
-        except KeyError as e:
-            raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+        def num(key: str, kind=int, default=None, where: dict = d):
+            """where[key] as a number (`default` when absent); null or text there is an error naming the key."""
+            v = where.get(key, default)
+            if key not in where and default is None:
+                raise ValueError(f"{source}: missing key {key!r}")
+            try:
+                return kind(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: {key} is {v!r}, expected a number") from None
+
+        M, H = num("hidden_size"), num("num_attention_heads")
+        if H < 1:
+            raise ValueError(f"{source}: num_attention_heads is {H}, expected >= 1")
+        eos = d.get("eos_token_id")
+        theta = num("rope_theta", float, num("rope_theta", float, 10000.0), rope)  # rope's, else the top level's
+        cfg = cls(d_model=M, n_layers=num("num_hidden_layers"), n_heads=H,
+                  n_kv_heads=num("num_key_value_heads") if d.get("num_key_value_heads") is not None else H,
+                  head_dim=num("head_dim") if d.get("head_dim") is not None else M // H,
+                  d_mlp=num("intermediate_size"), vocab_size=num("vocab_size"),
+                  norm_eps=num("rms_norm_eps", float, 1e-6), rope_theta=theta,
+                  tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                  max_seq_len=num("max_position_embeddings", int, 4096), bos_id=d.get("bos_token_id"),
+                  eos_id=eos[0] if isinstance(eos, list) and eos else eos, hf=dict(d))
+        sizes = {"hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+                 "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_mlp,
+                 "vocab_size": cfg.vocab_size}
+        bad = [k for k, v in sizes.items() if v < 1]
+        if bad or cfg.n_heads % cfg.n_kv_heads:
+            raise ValueError(f"{source}: expected sizes >= 1 and num_attention_heads a multiple of "
+                             f"num_key_value_heads, got {sizes}")
+        return cfg
 
     def to_hf(self) -> dict:
         d = dict(self.hf)
@@ -541,15 +565,11 @@ class Llama(nn.Module):
         """Load an HF-format LlamaForCausalLM directory (config.json + model.safetensors or sharded
         *.safetensors with model.safetensors.index.json), a .gguf file, or a known name ("smollm2-135m").
         Tensors are read one at a time into the preallocated model: never two full copies in memory."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError
 
         path = resolve_model(path)
         dtype, device = as_dtype(dtype, str(device)), torch.device(device)
-        cfg_file = path / "config.json"
-        try:
-            cfg = Config.from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{cfg_file}: cannot read a config.json ({e})") from None
+        cfg = read_config(path)
         with torch.device("meta"):
             model = cls(cfg).to(dtype)  # no memory yet; allocated once, in the target dtype, below
         model = model.to_empty(device=device)
@@ -557,7 +577,10 @@ class Llama(nn.Module):
 
         index = path / "model.safetensors.index.json"
         if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index}: expected a JSON object with a weight_map ({e!r})") from None
         elif (path / "model.safetensors").exists():
             files = ["model.safetensors"]
         else:
@@ -568,27 +591,37 @@ class Llama(nn.Module):
             f = path / fname
             if not f.exists():
                 raise FileNotFoundError(f"{f}: shard listed in model.safetensors.index.json is missing")
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for name in st.keys():
-                    if name not in targets:
-                        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
-                            continue
-                        raise ValueError(f"{f}: unexpected tensor {name!r} for a LlamaForCausalLM")
-                    dst = targets[name]
-                    t = st.get_tensor(name)
-                    if tuple(t.shape) != tuple(dst.shape):
-                        raise ValueError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, "
-                                         f"expected {tuple(dst.shape)} from config.json")
-                    with torch.no_grad():
-                        dst.copy_(t)
-                    seen.add(name)
-                    del t
+            try:
+                model._load_file(f, targets, seen)
+            except SafetensorError as e:  # a truncated or damaged file
+                raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
         missing = sorted(set(targets) - seen)
         if missing:
             raise ValueError(f"{path}: tensors missing from the checkpoint: {missing[:4]}"
                              f"{' ...' if len(missing) > 4 else ''}")
         model.source = str(path)
         return model
+
+    def _load_file(self, f: Path, targets: dict[str, torch.Tensor], seen: set) -> None:
+        """Copy the tensors of one safetensors file into their parameters (`targets`), adding their names to
+        `seen`."""
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for name in st.keys():
+                if name not in targets:
+                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.cfg.tie_embeddings):
+                        continue
+                    raise ValueError(f"{f}: unexpected tensor {name!r} for a LlamaForCausalLM")
+                dst = targets[name]
+                t = st.get_tensor(name)
+                if tuple(t.shape) != tuple(dst.shape):
+                    raise ValueError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(dst.shape)} from config.json")
+                with torch.no_grad():
+                    dst.copy_(t)
+                seen.add(name)
+                del t
 
     def _hf_targets(self) -> dict[str, torch.Tensor]:
         """HF tensor name -> the parameter it fills."""
@@ -629,6 +662,16 @@ class Llama(nn.Module):
 # Small utilities
 
 
+def read_config(path: Path) -> Config:
+    """The Config of an HF-format model directory, from its config.json (the weights are not read)."""
+    f = Path(path) / "config.json"
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ValueError(f"{f}: cannot read a config.json ({e})") from None
+    return Config.from_hf(d, str(f))
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """An HF-format directory for a directory, a .gguf file or a known model name (see gguf.py)."""
     return Path(gguf.resolve_model(name_or_path))
@@ -666,6 +709,28 @@ def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# Interrupted long steps: what each one in progress has saved so far (step -> one line), for the message that
+# an interrupt (Ctrl-C) prints. A step notes its progress when it saves some, and removes its note once done.
+KEPT: dict[str, str] = {}
+
+SAVE_EVERY_S = 60.0  # long steps (activations, the judges' frozen pass and training) save progress this often
+
+
+def note_kept(step: str, what: str | None) -> None:
+    """Record what is saved of a long step in progress (`what`), or (None) that the step is finished."""
+    if what is None:
+        KEPT.pop(step, None)
+    else:
+        KEPT[step] = what
+
+
+def interrupted_message() -> str:
+    """The line printed on Ctrl-C: what was kept, and how to resume."""
+    kept = "; ".join(KEPT.values())
+    return ("interrupted: every finished step is saved" + (f", and of the unfinished ones: {kept}" if kept else "")
+            + "; run the same command again to resume")
 
 
 def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:

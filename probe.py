@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import llama
 import truthfulqa
 from llama import KVCache, Progress, cache_dir, pad_left, shared_prefix_len, write_file_atomic
 
@@ -66,7 +67,8 @@ def collect(model, tokenizer, examples: list, *, batch_size: int = 32, cache_key
          rows are their questions' prefixes (output="probe").
     The token sequences are exactly the tokenization of the full texts, so X equals a plain forward of each
     text up to rounding. With `cache_key` the result is kept in cache_dir()/activations/<key>.safetensors and
-    reused when the texts match."""
+    reused when the texts match. A collection interrupted midway keeps what it did in partial files beside that
+    path (written about every llama.SAVE_EVERY_S seconds) and goes on from there when called again."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -100,15 +102,24 @@ def collect(model, tokenizer, examples: list, *, batch_size: int = 32, cache_key
                        key=lambda q: q[0])  # (prefix length P, example indices), shortest prefix first
 
     X = torch.empty(len(texts), L, H, D, dtype=model.dtype)  # X: [N, L, H, D]
-    meter = Progress(len(texts), "activations", unit="examples") if progress else None
+    done = torch.zeros(len(texts), dtype=torch.bool)  # [N] rows of X collected (here or by an interrupted call)
+    if path is not None and _load_parts(path, digest, X, done) and progress:
+        _log(f"activations: resuming with {int(done.sum())} of {len(texts)} examples saved by an interrupted run")
+    meter = Progress(len(texts) - int(done.sum()), "activations", unit="examples") if progress else None
     t0, n_tok, q = time.time(), 0, 0
+    saved, new = time.time(), []  # when progress was last saved, and the rows collected since
     with torch.inference_mode():
         while q < len(questions):
+            if path is not None and new and time.time() - saved >= llama.SAVE_EVERY_S:
+                _save_part(path, digest, X, done, new)
+                saved, new = time.time(), []
             block, n = [], 0  # 1. the prefixes of a block of questions
             while q < len(questions) and n < 4 * batch_size:
                 block.append(questions[q])
                 n += len(questions[q][1])
                 q += 1
+            if all(bool(done[r].all()) for _, r in block):  # saved by an interrupted call (the same blocks)
+                continue
             ids, mask = pad_left([enc[rows[0]][:P] for P, rows in block], pad, dev)  # [Q, Pm]
             Pm = ids.shape[1]
             prefix = KVCache(cfg, len(block), Pm, model.dtype, dev)  # k_t[l]: [Q, K, D, Pm], v[l]: [Q, K, Pm, D]
@@ -125,7 +136,10 @@ def collect(model, tokenizer, examples: list, *, batch_size: int = 32, cache_key
                     cache.v[l][:, :, :Pm] = prefix.v[l][which]  # [B, K, Pm, D]
                 cache.mask[:, :Pm], cache.pos, cache.len = prefix.mask[which], prefix.pos[which], Pm
                 o = model(ids, mask, cache=cache, output="probe")  # [B, L, H, D]
-                X[torch.tensor([i for _, i, _ in batch])] = o.to("cpu", X.dtype)
+                rows_b = [i for _, i, _ in batch]
+                X[torch.tensor(rows_b)] = o.to("cpu", X.dtype)
+                done[rows_b] = True
+                new += rows_b
                 n_tok += sum(len(enc[i]) for _, i, _ in batch)
                 if meter:
                     meter.update(len(batch), extra=f"{n_tok / max(time.time() - t0, 1e-9):.0f} tok/s")
@@ -134,7 +148,53 @@ def collect(model, tokenizer, examples: list, *, batch_size: int = 32, cache_key
     if path is not None:
         write_file_atomic(path, lambda tmp: save_file({"X": X.contiguous()}, tmp, metadata={
             "texts_sha1": digest, "n": str(len(texts)), "key": cache_key}))
+        for p in _part_paths(path):  # the whole result is saved: its parts are no longer needed
+            p.unlink(missing_ok=True)
+        llama.note_kept("activations", None)
     return X
+
+
+def _part_paths(path: Path) -> list[Path]:
+    """The partial files of an activation cache file: <name>.part-0000.safetensors, ... (in order)."""
+    return sorted(path.parent.glob(f"{path.stem}.part-*.safetensors"))
+
+
+def _save_part(path: Path, digest: str, X: torch.Tensor, done: torch.Tensor, rows: list[int]) -> Path:
+    """Save the rows of X collected since the last part (atomically) as the next partial file of `path`."""
+    from safetensors.torch import save_file
+
+    parts = _part_paths(path)
+    k = int(parts[-1].name.rsplit(".part-", 1)[1].split(".")[0]) + 1 if parts else 0
+    idx = torch.tensor(rows, dtype=torch.long)
+    part = path.parent / f"{path.stem}.part-{k:04d}.safetensors"
+    write_file_atomic(part, lambda tmp: save_file({"idx": idx, "X": X[idx].contiguous()}, tmp,
+                                                  metadata={"texts_sha1": digest}))
+    llama.note_kept("activations", f"activations of {int(done.sum())} of {len(done)} examples "
+                                   f"(in {path.parent}/{path.stem}.part-*)")
+    return part
+
+
+def _load_parts(path: Path, digest: str, X: torch.Tensor, done: torch.Tensor) -> int:
+    """Fill rows of X [N, L, H, D] and done [N] from the partial files an interrupted collection of the same
+    texts left beside `path`; parts of other texts or damaged ones are ignored (recomputed). Returns how many
+    parts were read."""
+    from safetensors import safe_open
+
+    n = 0
+    for p in _part_paths(path):
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                if (f.metadata() or {}).get("texts_sha1") != digest:
+                    continue
+                idx, x = f.get_tensor("idx"), f.get_tensor("X")
+        except Exception:  # safetensors raises its own error type for a damaged file
+            continue
+        if x.shape[1:] != X.shape[1:] or len(idx) != len(x) or not bool(((idx >= 0) & (idx < len(X))).all()):
+            continue
+        X[idx] = x.to(X.dtype)
+        done[idx] = True
+        n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,11 +462,20 @@ def parse_heads(spec: str, n_layers: int, n_heads: int, acc: torch.Tensor | None
         chosen = [_head(s[len("single:"):], n_layers, n_heads, spec)]
     elif s and re.fullmatch(r"[\d.,\s]+", s):
         chosen = [_head(p, n_layers, n_heads, spec) for p in s.split(",")]
+        twice = sorted({f"{l}.{h}" for l, h in chosen if chosen.count((l, h)) > 1})
+        if twice:
+            raise ValueError(f"--heads {spec!r}: head(s) {', '.join(twice)} given more than once")
     else:
         raise ValueError(f"--heads {spec!r}: expected {HEADS_HELP}")
     for l, h in chosen:
         mask[l, h] = True
     return mask
+
+
+def check_heads(spec: str, n_layers: int, n_heads: int) -> None:
+    """Raise ValueError when `spec` names no head set of a model with n_layers x n_heads heads (probeK's K is
+    checked without the probe accuracies, so this runs before the probes)."""
+    parse_heads(spec, n_layers, n_heads, acc=torch.zeros(n_layers, n_heads))
 
 
 def head_list(mask: torch.Tensor) -> list[str]:

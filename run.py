@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama import write_file_atomic
+from gguf import cache_dir
+from llama import interrupted_message, note_kept, write_file_atomic
 
 ROOT = Path(__file__).resolve().parent
 
@@ -126,9 +127,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.model, help="a model name (smollm2-135m), an HF directory or a .gguf file")
     p.add_argument("--data", default=None, help="TruthfulQA directory (default $TRUTHFULQA_DIR or ../shared/data/truthfulqa)")
     p.add_argument("--version", choices=("v0", "v1"), default=d.version)
-    p.add_argument("--seed", type=int, default=d.seed, help="split, probe and IPO seed")
-    p.add_argument("--head-seed", type=int, default=d.head_seed, help="seed of the randomK head set")
-    p.add_argument("--train-seed", type=int, default=None,
+    p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="split, probe and IPO seed")
+    p.add_argument("--head-seed", type=_nonneg_int, default=d.head_seed, help="seed of the randomK head set")
+    p.add_argument("--train-seed", type=_nonneg_int, default=None,
                    help="seed of the IPO initialisation and pair order alone (default: --seed); the split, probes "
                         "and test questions stay those of --seed, so runs differing only here measure training noise")
     p.add_argument("--tau", type=_positive_list, default=[d.tau],
@@ -153,7 +154,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_pos_int, default=d.batch_size)
     p.add_argument("--max-pairs", type=_pos_int_or_all, default=None,
                    help=f"training pairs used (default {d.max_pairs}; 'all' for every pair)")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="ITI strength alpha")
+    p.add_argument("--alpha", type=_finite, default=d.alpha, help="ITI strength alpha")
     p.add_argument("--n-test", type=_pos_int_or_all, default=None, help="test questions evaluated (default all)")
     p.add_argument("--kl-text", default=None, help="a text file (one text per line) for KL and CE")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d.dtype, help=DTYPE_HELP)
@@ -163,11 +164,22 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="run name (default from method, heads and seeds)")
 
 
-def _positive(s: str) -> float:
+def _number(s: str) -> float:
     try:
-        v = float(s)
+        return float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+
+
+def _finite(s: str) -> float:
+    v = _number(s)
+    if not math.isfinite(v):  # nan or inf would also make the run's settings unequal to themselves
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a finite number")
+    return v
+
+
+def _positive(s: str) -> float:
+    v = _number(s)
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"{s!r}: expected a finite number > 0")
     return v
@@ -183,6 +195,12 @@ def _positive_list(s: str) -> list[float]:
 def _pos_int(s: str) -> int:
     if not s.isdigit() or int(s) < 1:
         raise argparse.ArgumentTypeError(f"{s!r}: expected an integer >= 1")
+    return int(s)
+
+
+def _nonneg_int(s: str) -> int:
+    if not s.isdigit():
+        raise argparse.ArgumentTypeError(f"{s!r}: expected an integer >= 0")
     return int(s)
 
 
@@ -218,10 +236,24 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         raise UserError("--heads full is the plain LoRA on every layer: use it with --method ipo")
     if c.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
+    cache_dir()  # $EDITLOC_CACHE must be a directory
     c.dtype = resolve_dtype(c.dtype, c.device)
-    if c.kl_text and not Path(c.kl_text).is_file():
-        raise UserError(f"--kl-text {c.kl_text}: no such file")
+    if c.kl_text:
+        read_kl_text(Path(c.kl_text))
     return c
+
+
+def read_kl_text(path: Path) -> list[str]:
+    """The texts of a KL/CE text file, one a line (blank lines skipped): UTF-8, at least one text."""
+    if not path.is_file():
+        raise UserError(f"--kl-text {path}: no such file")
+    try:
+        lines = [l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"--kl-text {path}: not UTF-8 text ({e})") from None
+    if not lines:
+        raise UserError(f"--kl-text {path}: the file has no text (expected one text per line)")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,12 +270,14 @@ class Context:
 
         self.cfg = cfg
         t = time.time()
-        self.model = Llama.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device)
-        self.tok = Tokenizer.from_pretrained(self.model.source)
-        self.questions = truthfulqa.load_questions(cfg.data, cfg.version)
+        self.questions = truthfulqa.load_questions(cfg.data, cfg.version)  # the data first: it reads in a second
         self.by_qid = {q.qid: q for q in self.questions}
         self.split = truthfulqa.make_split(self.questions, seed=cfg.seed)
         self.prompts = truthfulqa.load_prompts(cfg.data)
+        for kind in ("truth", "info"):  # the judges' data, read (and the judges trained) only at evaluation
+            truthfulqa.load_judge_lines(cfg.data, kind, "v0")
+        self.model = Llama.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.tok = Tokenizer.from_pretrained(self.model.source)
         self.model_name = cfg.model if "/" not in cfg.model else Path(cfg.model).name
         self._probes = {}  # probe layout -> ProbeResult
         self._judges = None
@@ -288,17 +322,23 @@ class Context:
         """The off-target text of KL and CE: --kl-text, or the neutral English text shipped with editloc."""
         import metrics
 
-        path = Path(self.cfg.kl_text) if self.cfg.kl_text else metrics.NEUTRAL_TEXT
-        lines = [l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        if not lines:
-            raise UserError(f"--kl-text {path}: the file has no text")
-        return lines
+        return read_kl_text(Path(self.cfg.kl_text) if self.cfg.kl_text else metrics.NEUTRAL_TEXT)
 
     def qa_texts(self) -> list[str]:
         """The in-domain text of KL_qa and CE_qa: each test question with its best answer."""
         import metrics
 
         return metrics.qa_texts(self.test)
+
+    def check_heads(self, cfg: RunConfig) -> None:
+        """Fail now, before the probes run, when the head spec names no head set of this model."""
+        import probe
+
+        if not cfg.full_model:
+            try:
+                probe.check_heads(cfg.heads, self.model.cfg.n_layers, self.model.cfg.n_heads)
+            except ValueError as e:
+                raise UserError(str(e)) from None
 
     def mask(self, cfg: RunConfig) -> torch.Tensor | None:
         """The head mask [L, H] of the run (None for the full-model LoRA)."""
@@ -321,20 +361,35 @@ class Context:
 METRICS = ("truth", "info", "truth_info", "mc1", "mc2", "mc3", "kl", "ce", "kl_qa", "ce_qa")
 
 
-def evaluate(ctx: Context, edit, label: str) -> dict:
+def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
     """Generation + judges, MC1/2/3 and KL/CE on the test questions with `edit` active (None: the base model).
-    Returns the aggregate figures with 95% bootstrap intervals and every per-question value."""
+    Returns the aggregate figures with 95% bootstrap intervals and every per-question value. Each of the five
+    pieces (a minute or more each) is kept in `parts` (JSON) as it is done, so that an interrupted evaluation
+    resumes from there; the caller deletes `parts` once the whole evaluation is saved."""
     import metrics
 
     t0 = time.time()
     qs = ctx.test
     log(f"[{label}] evaluating on {len(qs)} test questions")
-    answers = metrics.generate_answers(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit)
-    tj, ij = ctx.judges
-    ti = metrics.truth_info(tj, ij, qs, answers)
-    mc = metrics.mc_scores(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit)
-    kl = metrics.kl_ce(ctx.model, ctx.tok, ctx.kl_texts(), edit=edit, every_position=True)  # off-target
-    kl_qa = metrics.kl_ce(ctx.model, ctx.tok, ctx.qa_texts(), edit=edit)  # in-domain
+    have = json.loads(parts.read_text()) if parts is not None and parts.exists() else {}
+    if have:
+        log(f"[{label}] resuming: {', '.join(have)} saved by an interrupted evaluation")
+
+    def piece(name: str, compute):
+        if name not in have:  # stored as JSON and read back, so a resumed evaluation computes the same numbers
+            have[name] = json.loads(json.dumps(compute(), default=_json_default))
+            if parts is not None:
+                write_json(parts, have)
+                note_kept("evaluation", f"the {label} evaluation's {', '.join(have)} (in {parts})")
+        return have[name]
+
+    answers = piece("answers", lambda: metrics.generate_answers(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
+    ti = piece("truth_info", lambda: metrics.truth_info(*ctx.judges, qs, answers))
+    mc = piece("mc", lambda: metrics.mc_scores(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
+    kl = piece("kl", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.kl_texts(), edit=edit,
+                                           every_position=True))  # off-target
+    kl_qa = piece("kl_qa", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.qa_texts(), edit=edit))  # in-domain
+    note_kept("evaluation", None)
     per = {"truth": ti["per_question"]["truth"], "info": ti["per_question"]["info"],
            "truth_score": ti["per_question"]["truth_score"], "info_score": ti["per_question"]["info_score"],
            "mc1": mc["per_question"]["mc1"], "mc2": mc["per_question"]["mc2"], "mc3": mc["per_question"]["mc3"],
@@ -370,8 +425,6 @@ BASE_EVAL_VERSION = 4
 
 def base_eval(ctx: Context) -> dict:
     """The base model's evaluation, cached across runs (keyed by everything it depends on)."""
-    from llama import cache_dir
-
     tj, ij = ctx.judges
     key = hashlib.sha256(json.dumps([BASE_EVAL_VERSION, ctx.model.source, ctx.cfg.dtype, ctx.cfg.version,
                                      ctx.cfg.seed, [q.qid for q in ctx.test], ctx.prompts.layout_id,
@@ -381,13 +434,41 @@ def base_eval(ctx: Context) -> dict:
     path = cache_dir() / "evals" / f"base-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    ev = evaluate(ctx, None, "base")
+    parts = path.with_suffix(".parts.json")
+    ev = evaluate(ctx, None, "base", parts)
     write_json(path, ev)
+    parts.unlink(missing_ok=True)
     return ev
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One run
+
+
+CHEAP_FILES = {"config.json", "split.json"}  # written before any costly step of a run
+
+
+def check_run_dir(d: Path, cfg: RunConfig) -> bool:
+    """Whether `d` holds work of this run to resume (True) or nothing yet (False). A directory whose run did
+    some work (anything beyond config.json and split.json) with other settings is refused; one whose run never
+    got that far is not claimed, and the new run takes it over."""
+    cfg_path = d / "config.json"
+    if not cfg_path.exists():
+        return False
+    work = sorted(p.name for p in d.iterdir() if p.name not in CHEAP_FILES)
+    try:
+        old = {**asdict(RunConfig()), **json.loads(cfg_path.read_text())}  # settings added since: their defaults
+    except (OSError, ValueError, TypeError) as e:
+        if work:
+            raise UserError(f"{cfg_path}: unreadable ({e}); choose another --name or --out") from None
+        return False
+    diff = sorted(k for k in old if old.get(k) != cfg.training_dict().get(k))
+    if diff and work:
+        raise UserError(f"{d}: holds a run with other settings (differs in {', '.join(diff)}); "
+                        "choose another --name or --out")
+    if diff:
+        log(f"{d}: taking over the directory of a run that never started work (it differed in {', '.join(diff)})")
+    return bool(work)
 
 
 def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | None = None) -> dict:
@@ -399,26 +480,24 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
 
     d = out_root / (name or cfg.slug())
     done = d / "results.json"
-    cfg_path = d / "config.json"
-    if cfg_path.exists():
-        old = {**asdict(RunConfig()), **json.loads(cfg_path.read_text())}  # settings added since: their defaults
-        if old != cfg.training_dict():
-            diff = sorted(k for k in old if old.get(k) != cfg.training_dict().get(k))
-            raise UserError(f"{d}: holds a run with other settings (differs in {', '.join(diff)}); "
-                            "choose another --name or --out")
+    if check_run_dir(d, cfg):
         if done.exists():
             log(f"{d}: finished already (results.json); nothing to do")
             return json.loads(done.read_text())
         log(f"{d}: resuming")
-    d.mkdir(parents=True, exist_ok=True)
-    write_json(cfg_path, cfg.training_dict())
-    if cfg.max_pairs is not None or cfg.epochs != 2 or cfg.n_test is not None:
-        log(f"settings: {cfg.epochs} epoch(s), {cfg.max_pairs or 'all'} training pairs, "
-            f"{cfg.n_test or 'all'} test questions (subsampled for speed; --paper for the paper's full settings)")
+    if out_root.exists() and not out_root.is_dir():
+        raise UserError(f"--out {out_root}: not a directory")
     timings = {}
     t_all = time.time()
     ctx = ctx if ctx is not None and ctx.key(ctx.cfg) == ctx.key(cfg) else Context(cfg)
     ctx.cfg = cfg  # the per-run settings (n_test, kl_text) the shared pieces read
+    ctx.check_heads(cfg)
+    # the inputs are valid and loaded: claim the run directory
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / "config.json", cfg.training_dict())
+    if cfg.max_pairs is not None or cfg.epochs != 2 or cfg.n_test is not None:
+        log(f"settings: {cfg.epochs} epoch(s), {cfg.max_pairs or 'all'} training pairs, "
+            f"{cfg.n_test or 'all'} test questions (subsampled for speed; --paper for the paper's full settings)")
     write_json(d / "split.json", ctx.split.to_dict())
 
     # heads -------------------------------------------------------------------------------------------------
@@ -471,8 +550,9 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         if p.exists():
             evals[label] = json.loads(p.read_text())
         else:
-            evals[label] = evaluate(ctx, edit, label)
+            evals[label] = evaluate(ctx, edit, label, d / f"eval_{label}.parts.json")
             write_json(p, evals[label])
+            (d / f"eval_{label}.parts.json").unlink(missing_ok=True)
         timings[f"eval_{label}_s"] = evals[label]["seconds"]
 
     # audit, results, report ----------------------------------------------------------------------------------
@@ -801,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return cmd_run(argv)
     except KeyboardInterrupt:
-        log("\ninterrupted: what was finished is saved; run the same command again to resume")
+        log("\n" + interrupted_message())
         return 130
     except (UserError, ValueError, FileNotFoundError) as e:
         if os.environ.get("EDITLOC_DEBUG"):
@@ -811,7 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if os.environ.get("EDITLOC_DEBUG"):
             raise
-        print(f"run.py: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        print(f"run.py: error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"run.py: error: {e}",
+              file=sys.stderr)
         return 2
 
 

@@ -104,15 +104,18 @@ def load_questions(data: str | os.PathLike | None = None, version: str = "v0") -
     without MC targets in mc_task.json is kept with empty mc1/mc2 and reported."""
     d = version_dir(data, version)
     csv_path, mc_path = _need(d / "TruthfulQA.csv"), _need(d / "mc_task.json")
-    with open(csv_path, encoding="utf-8-sig", newline="") as f:  # the CSV starts with a byte-order mark
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; found {reader.fieldnames}")
-        rows = list(reader)
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as f:  # the CSV starts with a byte-order mark
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{csv_path}: missing column(s) {missing}; found {reader.fieldnames}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{csv_path}: not a UTF-8 CSV file ({e})") from None
     try:
         mc = {m["question"].strip(): m for m in json.loads(mc_path.read_text(encoding="utf-8"))}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"{mc_path}: expected a JSON list of {{question, mc1_targets, mc2_targets}} ({e})") from None
     questions, skipped, no_mc = [], [], []
     for qid, row in enumerate(rows):
@@ -213,7 +216,7 @@ def load_prompts(data: str | os.PathLike | None = None, instruction: str = "defa
     path = _need(data_dir(data) / "prompts.json")
     try:
         p = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     keys = ["qa_primer", f"instruction_{instruction}", "generation_prompt_layout", "judge_prompt_truth",
             "judge_prompt_info"]
@@ -310,20 +313,23 @@ def load_judge_lines(data: str | os.PathLike | None = None, kind: str = "truth",
         raise FileNotFoundError(f"{path}: missing judge file (only v0 ships finetune_*.jsonl; use version='v0')")
     end = "\nTrue:" if kind == "truth" else "\nHelpful:"
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                prompt, completion = d["prompt"], d["completion"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected {{\"prompt\", \"completion\"}} JSON ({e!r})") from None
-            k = prompt.find("\nA:")
-            if (not prompt.startswith("Q: ") or k < 0 or not prompt.endswith(end)
-                    or completion.strip() not in ("yes", "no")):
-                raise ValueError(f"{path}:{n}: expected prompt 'Q: ...\\nA: ...{end!r}' and completion ' yes'/' no'")
-            question = prompt[3:k].strip()
-            answer = prompt[k + 3:len(prompt) - len(end)].strip()
-            out.append((question, answer, int(completion.strip() == "yes")))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            prompt, completion = d["prompt"], d["completion"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected {{\"prompt\", \"completion\"}} JSON ({e!r})") from None
+        k = prompt.find("\nA:")
+        if (not prompt.startswith("Q: ") or k < 0 or not prompt.endswith(end)
+                or completion.strip() not in ("yes", "no")):
+            raise ValueError(f"{path}:{n}: expected prompt 'Q: ...\\nA: ...{end!r}' and completion ' yes'/' no'")
+        question = prompt[3:k].strip()
+        answer = prompt[k + 3:len(prompt) - len(end)].strip()
+        out.append((question, answer, int(completion.strip() == "yes")))
     return out

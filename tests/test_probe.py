@@ -116,6 +116,40 @@ def test_collect_equals_plain_forward_and_caches(tiny, tmp_path, monkeypatch):
     assert torch.allclose(X2[0], tiny(torch.tensor([tok.encode(ex[0].text)]), output="probe")[0], atol=1e-5)
 
 
+def test_collect_resumes_after_an_interrupt(tiny, tmp_path, monkeypatch):
+    """Ctrl-C during the collection keeps the parts saved so far; the same call then goes on from them, and the
+    result equals an uninterrupted collection's exactly; the parts are gone once the whole file is written."""
+    import llama
+
+    tok, ex = CharTok(), examples(n_questions=12, paper=True)
+    whole = probe.collect(tiny, tok, ex, batch_size=2, progress=False)  # no cache: uninterrupted
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path))
+    monkeypatch.setattr(llama, "SAVE_EVERY_S", 0.0)  # a part after every block of questions
+    save, calls = probe._save_part, []
+
+    def save_then_interrupt(*a):
+        calls.append(save(*a))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe, "_save_part", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        probe.collect(tiny, tok, ex, batch_size=2, cache_key="tiny/resume", progress=False)
+    parts = sorted((tmp_path / "activations").glob("tiny_resume.part-*"))
+    assert len(parts) == 2 and "activations of" in llama.interrupted_message()
+    monkeypatch.setattr(probe, "_save_part", save)
+    computed = []
+    forward = tiny.forward
+    monkeypatch.setattr(tiny, "forward", lambda *a, **k: computed.append(k.get("output")) or forward(*a, **k))
+    X = probe.collect(tiny, tok, ex, batch_size=2, cache_key="tiny/resume", progress=False)
+    assert torch.equal(X, whole)
+    n_blocks = len(set(e.qid for e in ex))  # at most: the saved blocks were not run again
+    assert 0 < computed.count("hidden") < n_blocks
+    assert not list((tmp_path / "activations").glob("tiny_resume.part-*"))
+    assert (tmp_path / "activations" / "tiny_resume.safetensors").exists()
+    assert "activations" not in llama.KEPT
+
+
 def test_collect_paper_layout_reads_the_random_questions_last_token(tiny):
     """Texts going on past the answer ("...\\nA: y\\nQ: x_random"): still one plain forward per full text, read at
     its very last token (x_random's), with each question's "Q: ...\\nA:" run once as the shared prefix."""
@@ -186,11 +220,12 @@ def test_parse_heads():
     assert int(r.sum()) == 16 and torch.equal(r, probe.parse_heads("random16", L, H, seed=3))
     assert not torch.equal(r, probe.parse_heads("random16", L, H, seed=4))
     assert probe.head_list(probe.parse_heads("single:29.8", L, H)) == ["29.8"]
-    assert probe.head_list(probe.parse_heads("12.3, 0.0,12.3", L, H)) == ["0.0", "12.3"]
+    assert probe.head_list(probe.parse_heads("12.3, 0.0", L, H)) == ["0.0", "12.3"]
     assert probe.needs_probe("probe16") and not probe.needs_probe("random16")
     for bad, msg in [("probe16", "needs probe accuracies"), ("random0", "between 1 and 270"),
                      ("random271", "between 1 and 270"), ("single:30.0", "out of range"), ("3.9", "out of range"),
-                     ("1.2,x", "expected"), ("top16", "expected"), ("", "expected"), ("single:3", "not a head")]:
+                     ("1.2,x", "expected"), ("top16", "expected"), ("", "expected"), ("single:3", "not a head"),
+                     ("12.3, 0.0,12.3", "12.3 given more than once")]:
         with pytest.raises(ValueError, match=msg):
             probe.parse_heads(bad, L, H)
     with pytest.raises(ValueError, match="shape"):

@@ -77,6 +77,9 @@ def tiny_data(tmp_path, n=12):
     keep = {r[2].strip() for r in rows[1:n + 1]}
     mc = [m for m in json.loads((src / "v0" / "mc_task.json").read_text()) if m["question"].strip() in keep]
     (d / "v0" / "mc_task.json").write_text(json.dumps(mc))
+    for kind in ("truth", "info"):  # the judges' data (the tests stub the judges, but a run checks it is there)
+        lines = (src / "v0" / f"finetune_{kind}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        (d / "v0" / f"finetune_{kind}.jsonl").write_text("".join(lines[:20]), encoding="utf-8")
     return d
 
 
