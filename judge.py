@@ -31,11 +31,14 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import random
+import shutil
 import sys
+import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import (Llama, Progress, apply_rope, as_dtype, cache_dir, pad_right, shared_prefix_len,
+import llama
+from llama import (Llama, Progress, apply_rope, as_dtype, cache_dir, note_kept, pad_right, shared_prefix_len,
                    write_dir_atomic)
 
 KINDS = ("truth", "info")
@@ -149,7 +153,8 @@ class Features:
 
 @torch.inference_mode()
 def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str], layouts: dict[str, str], k: int,
-                top: int, batch_size: int = 32, progress: bool = True) -> dict[str, Features]:
+                top: int, batch_size: int = 32, progress: bool = True, save_dir: Path | None = None
+                ) -> dict[str, Features]:
     """Run the frozen layers 0..top-1 once over every line, for one or both judge kinds at once.
 
     `layouts`: kind -> judge input layout (see `judge_layout`).
@@ -157,7 +162,11 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
     answers. Each row then holds the answer tokens the kinds share (" {a}\\n") followed by each kind's own
     suffix ("True:", "Helpful:"); a custom attention mask keeps every suffix blind to the other kinds'
     suffixes, and each suffix continues at the same positions, so each kind sees exactly its own input
-    "Q: {q}\\nA: {a}\\nTrue:" (resp. "Helpful:") while the shared tokens are computed once."""
+    "Q: {q}\\nA: {a}\\nTrue:" (resp. "Helpful:") while the shared tokens are computed once.
+
+    With `save_dir` (one directory per set of inputs), what is done is saved there about every
+    llama.SAVE_EVERY_S seconds (part-0000.safetensors, ..., whole questions at a time), and a pass interrupted
+    midway goes on from it when called again."""
     kinds = tuple(layouts)
     heads, tails = zip(*(split_layout(layouts[kind]) for kind in kinds))
     if len(set(heads)) != 1:
@@ -167,12 +176,25 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
         groups[q].append(i)
     G, N, M = len(kinds), len(questions), model.cfg.d_model
     chunks: list[torch.Tensor] = []  # pieces of the store, each [T, n, 2, Kh, D]
-    n_tok = 0
     ctx = [[None] * N for _ in kinds]
     x = torch.zeros(G, N, M, dtype=model.dtype)
     pos = torch.zeros(G, N, dtype=torch.long)
-    meter = Progress(N, f"judge {'+'.join(kinds)}: frozen pass (layers 0..{top - 1})", unit="lines") if progress else None
-    for q, rows in groups.items():
+    skip = _load_frozen_parts(save_dir, chunks, ctx, x, pos) if save_dir is not None else 0  # questions done
+    n_tok = sum(len(c) for c in chunks)
+    done = sum(len(rows) for rows in list(groups.values())[:skip])
+    if skip and progress:
+        _log(f"judge {'+'.join(kinds)}: frozen pass resuming with {done} of {N} lines saved by an interrupted run")
+    meter = Progress(N - done, f"judge {'+'.join(kinds)}: frozen pass (layers 0..{top - 1})",
+                     unit="lines") if progress else None
+    saved, new_lines, new_chunks = time.time(), [], len(chunks)  # the last save; lines and chunks since
+    for g_i, (q, rows) in enumerate(groups.items()):
+        if g_i < skip:
+            continue
+        if save_dir is not None and new_lines and time.time() - saved >= llama.SAVE_EVERY_S:
+            _save_frozen_part(save_dir, g_i, n_tok, chunks[new_chunks:], new_lines, ctx, x, pos)
+            done += len(new_lines)
+            note_kept("judges-frozen", f"the judges' frozen pass over {done} of {N} lines (in {save_dir})")
+            saved, new_lines, new_chunks = time.time(), [], len(chunks)
         q_ids = tokenizer.encode(heads[0].format(question=q))
         P = len(q_ids)
         _, past = model(torch.tensor([q_ids]), output="kv", last_only=True)  # per layer (k, v): [1, Kh, P, D]
@@ -216,12 +238,61 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
                     ctx[g][i] = torch.cat([q_idx, torch.tensor(mine, dtype=torch.long)])
                     x[g, i] = r_k[b, last[g]]
                     pos[g, i] = pos_bt[b, last[g]]
+            new_lines += part
             if meter:
                 meter.update(len(part))
     if meter:
         meter.close()
+    if save_dir is not None and new_lines:
+        _save_frozen_part(save_dir, len(groups), n_tok, chunks[new_chunks:], new_lines, ctx, x, pos)
+        note_kept("judges-frozen", f"the judges' whole frozen pass (in {save_dir})")
     kv = torch.cat(chunks)  # [N_tok, n, 2, Kh, D]
     return {kind: Features(kv, ctx[g], x[g], pos[g]) for g, kind in enumerate(kinds)}
+
+
+def _save_frozen_part(save_dir: Path, groups_done: int, n_tok: int, chunks: list[torch.Tensor], lines: list[int],
+                      ctx: list[list], x: torch.Tensor, pos: torch.Tensor) -> None:
+    """Save the frozen pass's work since the last part: its keys/values (`chunks`, the store's rows up to
+    n_tok), and for each of `lines` and each kind g its context indices ctx[g][i], x[g, i] and pos[g, i]."""
+    from safetensors.torch import save_file
+
+    k = len(list(save_dir.glob("part-*.safetensors")))
+    idx = torch.tensor(lines, dtype=torch.long)
+    tensors = {"kv": torch.cat(chunks).contiguous(), "lines": idx, "x": x[:, idx].contiguous(), "pos": pos[:, idx],
+               "ctx_len": torch.tensor([[len(c[i]) for i in lines] for c in ctx], dtype=torch.long),  # [G, m]
+               "ctx": torch.cat([c[i] for c in ctx for i in lines])}
+    llama.write_file_atomic(save_dir / f"part-{k:04d}.safetensors", lambda tmp: save_file(
+        tensors, tmp, metadata={"groups_done": str(groups_done), "n_tok": str(n_tok)}))
+
+
+def _load_frozen_parts(save_dir: Path, chunks: list, ctx: list[list], x: torch.Tensor, pos: torch.Tensor) -> int:
+    """Read the parts an interrupted frozen pass saved in save_dir into chunks, ctx, x and pos; returns the
+    number of questions (groups) they cover (0: none). A damaged part and those after it are deleted: their
+    work is done again."""
+    from safetensors import safe_open
+
+    groups_done, n_tok = 0, 0
+    parts = sorted(save_dir.glob("part-*.safetensors"))
+    for j, p in enumerate(parts):
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {name: f.get_tensor(name) for name in ("kv", "lines", "x", "pos", "ctx_len", "ctx")}
+            ok = n_tok + len(t["kv"]) == int(meta["n_tok"]) and t["x"].shape[0] == x.shape[0]
+        except Exception:  # safetensors raises its own error type for a damaged file
+            ok = False
+        if not ok:
+            for later in parts[j:]:
+                later.unlink()
+            break
+        chunks.append(t["kv"])
+        x[:, t["lines"]], pos[:, t["lines"]] = t["x"].to(x.dtype), t["pos"]
+        flat = iter(torch.split(t["ctx"], t["ctx_len"].flatten().tolist()))
+        for g in range(len(ctx)):
+            for i in t["lines"].tolist():
+                ctx[g][i] = next(flat)
+        groups_done, n_tok = int(meta["groups_done"]), int(meta["n_tok"])
+    return groups_done
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,8 +371,13 @@ def head_logits(head: JudgeHead, feats: Features, idx: list[int], batch_size: in
 
 
 def fit_head(model: Llama, feats: Features, labels: torch.Tensor, train_idx: list[int], yes_id: int, no_id: int,
-             recipe: dict, seed: int = 0, what: str = "fit") -> JudgeHead:
-    """AdamW on the binary cross-entropy of sigmoid(logit_yes - logit_no) against the labels."""
+             recipe: dict, seed: int = 0, what: str = "fit", ckpt: Path | None = None,
+             stop: threading.Event | None = None) -> JudgeHead:
+    """AdamW on the binary cross-entropy of sigmoid(logit_yes - logit_no) against the labels.
+
+    With `ckpt`, the training state is saved there about every llama.SAVE_EVERY_S seconds, and a fit
+    interrupted midway resumes from it (to the same head as an uninterrupted fit). `stop` (set by another
+    thread on Ctrl-C): save the state and raise KeyboardInterrupt at the next step."""
     torch.manual_seed(seed)
     head = JudgeHead(model, recipe["k"], recipe["top"], yes_id, no_id)
     ro = [head.readout]
@@ -312,12 +388,29 @@ def fit_head(model: Llama, feats: Features, labels: torch.Tensor, train_idx: lis
     steps = epochs * ((len(train_idx) + bs - 1) // bs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 50) * max(0.0, 1 - t / steps))
     rng = random.Random(seed)
-    meter = Progress(steps, what, unit="steps")
-    loss_avg = None
-    for ep in range(epochs):
+    start = (0, 0)  # (epoch, first batch's position in the epoch's order)
+    if ckpt is not None and ckpt.exists():
+        st = torch.load(ckpt, weights_only=True)
+        head.load_state_dict(st["head"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        rng.setstate(st["rng"])  # as it was at the start of that epoch: the same order again
+        start = (st["epoch"], st["next"])
+    per_epoch = (len(train_idx) + bs - 1) // bs
+    meter = Progress(steps - start[0] * per_epoch - start[1] // bs, what, unit="steps")
+    loss_avg, saved = None, time.time()
+    for ep in range(start[0], epochs):
+        rng_state = rng.getstate()
         order = list(train_idx)
         rng.shuffle(order)
-        for s in range(0, len(order), bs):
+        for s in range(start[1] if ep == start[0] else 0, len(order), bs):
+            stopping = stop is not None and stop.is_set()
+            if ckpt is not None and (stopping or time.time() - saved >= llama.SAVE_EVERY_S):
+                _save_fit(ckpt, {"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                 "rng": rng_state, "epoch": ep, "next": s}, f"{what}, epoch {ep + 1}/{epochs}")
+                saved = time.time()
+            if stopping:
+                raise KeyboardInterrupt
             idx = order[s:s + bs]
             with _autocast(feats):
                 z = head(*_batch(feats, idx)).float()  # [B]
@@ -330,6 +423,12 @@ def fit_head(model: Llama, feats: Features, labels: torch.Tensor, train_idx: lis
             meter.update(1, extra=f"epoch {ep + 1}/{epochs} loss {loss_avg:.3f}")
     meter.close()
     return head.eval()
+
+
+def _save_fit(path: Path, state: dict, what: str) -> None:
+    """Save a head's training state (atomically), and say so on Ctrl-C."""
+    llama.write_file_atomic(path, lambda tmp: torch.save(state, tmp))
+    note_kept(f"judges-{path.name}", f"{what} (in {path})")
 
 
 def accuracy(z: torch.Tensor, y: torch.Tensor) -> dict:
@@ -450,12 +549,24 @@ def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -
         for q, a in zip(d.questions, d.answers):
             union.setdefault((q, a), len(union))
     uq, ua = [q for q, _ in union], [a for _, a in union]
-    feats = frozen_pass(model, tokenizer, uq, ua, layouts, recipe["k"], recipe["top"])
+    # the work in progress (frozen pass parts, fit checkpoints, finished fits), kept until every judge is saved
+    work = cache_dir() / "judges" / (f".partial-{Path(str(backbone)).name}-" + hashlib.sha256(json.dumps(
+        [str(backbone), str(model.dtype), model.cfg.n_layers, model.cfg.d_model,
+         float(model.embed.weight[:8].float().sum()), recipe, seed, version, kinds, shas, layouts],
+        default=str).encode()).hexdigest()[:16])
+    feats = frozen_pass(model, tokenizer, uq, ua, layouts, recipe["k"], recipe["top"], save_dir=work / "frozen")
     t_pass = time.time() - t0
     n_threads = torch.get_num_threads()
     side_by_side = len(kinds) > 1 and n_threads > 1
+    stop = threading.Event()  # set on Ctrl-C: the fits running side by side save their state and stop
 
-    def train_kind(kind: str) -> Judge:
+    def fit(kind: str, name: str, what: str, rows: list[int], labels: torch.Tensor) -> JudgeHead:
+        return fit_head(model, feats[kind], labels, rows, yes_id, no_id, recipe, seed, f"judge {kind}: {what}",
+                        ckpt=work / f"{kind}-{name}.pt", stop=stop)
+
+    def train_kind(kind: str) -> tuple[JudgeHead, dict]:
+        from safetensors.torch import load_file
+
         d, f = datas[kind], feats[kind]
         rows = [union[(q, a)] for q, a in zip(d.questions, d.answers)]  # line i of d -> row of the features
         labels = torch.zeros(len(union), dtype=torch.long)
@@ -463,38 +574,65 @@ def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -
         validation = {}
         held_lines, held_qs = _splits(d.questions, recipe["holdout"], seed)
         for name, held in (("random_lines", held_lines), ("question_disjoint", held_qs)):
+            done = work / f"{kind}-{name}.json"  # a hold-out fit finished before an interrupt
+            if done.exists():
+                validation[name] = json.loads(done.read_text())
+                continue
             hs = set(held)
             train = [rows[i] for i in range(len(rows)) if i not in hs]
             test = [rows[i] for i in held]
-            head = fit_head(model, f, labels, train, yes_id, no_id, recipe, seed,
-                            f"judge {kind}: fit ({name} hold-out)")
+            head = fit(kind, name, f"fit ({name} hold-out)", train, labels)
             validation[name] = accuracy(head_logits(head, f, test), labels[test])
             validation[name]["questions"] = len({d.questions[i] for i in held})
             v = validation[name]
             _log(f"judge {kind}: {name} hold-out ({v['n']} lines, {v['questions']} questions): accuracy "
                  f"{v['accuracy']:.4f}, balanced accuracy {v['balanced_accuracy']:.4f}")
-        head = fit_head(model, f, labels, rows, yes_id, no_id, recipe, seed, f"judge {kind}: final fit (all lines)")
+            llama.write_file_atomic(done, lambda tmp: Path(tmp).write_text(json.dumps(v)))
+            (work / f"{kind}-{name}.pt").unlink(missing_ok=True)
+        final = work / f"{kind}-final"  # the final head waits here until every kind is done
+        if (final / "head.safetensors").exists():
+            head = JudgeHead(model, recipe["k"], recipe["top"], yes_id, no_id)
+            head.load_state_dict(load_file(str(final / "head.safetensors")))
+            return head, json.loads((final / "meta.json").read_text())
+        head = fit(kind, "final", "final fit (all lines)", rows, labels)
         meta = {"kind": kind, "backbone": str(backbone), "version": version, "data_file": f"finetune_{kind}.jsonl",
                 "data_sha256": shas[kind], "layout": layouts[kind], "yes_id": yes_id, "no_id": no_id,
                 "recipe": recipe, "backbone_dtype": str(model.dtype).replace("torch.", ""), "seed": seed, "data": d.stats, "validation": validation,
                 "train_seconds": round(time.time() - t0, 1), "frozen_pass_seconds": round(t_pass, 1),
                 "threads": torch.get_num_threads(), "kinds_side_by_side": len(kinds) if side_by_side else 1,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _save(final, head, meta)
+        (work / f"{kind}-final.pt").unlink(missing_ok=True)
+        note_kept(f"judges-{kind}", f"the finished {kind} judge (in {final})")
+        return head, meta
+
+    if not side_by_side:
+        trained = {kind: train_kind(kind) for kind in kinds}
+    else:
+        # The kinds are independent: train them side by side, each with its share of the cores (a head step is
+        # small matmuls: on 2 cores, one kind on two threads ran 5.5 steps/s, two kinds side by side 5.8 each)
+        torch.set_num_threads(max(1, n_threads // len(kinds)))
+        try:
+            with ThreadPoolExecutor(len(kinds)) as pool:
+                futures = [pool.submit(train_kind, kind) for kind in kinds]
+                try:
+                    wait(futures, return_when=FIRST_EXCEPTION)  # an interrupted fit (Ctrl-C) ends the wait
+                    trained = dict(zip(kinds, (f.result() for f in futures)))
+                except KeyboardInterrupt:
+                    stop.set()  # the other fits save their state and stop too
+                    raise
+        finally:
+            torch.set_num_threads(n_threads)
+    judges = {}
+    for kind, (head, meta) in trained.items():  # every kind is done: into place, and the work is dropped
         path = Path(out[kind]) if out and kind in out else judge_dir(kind, shas[kind], backbone)
         _save(path, head, meta)
         _log(f"judge {kind}: saved to {path} ({meta['train_seconds']:.0f} s since start)")
-        return Judge(kind, head, model, tokenizer, meta)
-
-    if not side_by_side:
-        return {kind: train_kind(kind) for kind in kinds}
-    # The kinds are independent: train them side by side, each with its share of the cores (a head step is
-    # small matmuls: on 2 cores, one kind on two threads ran 5.5 steps/s, two kinds side by side 5.8 each)
-    torch.set_num_threads(max(1, n_threads // len(kinds)))
-    try:
-        with ThreadPoolExecutor(len(kinds)) as pool:
-            return dict(zip(kinds, pool.map(train_kind, kinds)))
-    finally:
-        torch.set_num_threads(n_threads)
+        judges[kind] = Judge(kind, head, model, tokenizer, meta)
+    shutil.rmtree(work, ignore_errors=True)
+    for step in [k_ for k_ in llama.KEPT if k_.startswith("judges")]:
+        note_kept(step, None)
+    return judges
 
 
 def _save(path: Path, head: JudgeHead, meta: dict) -> None:
@@ -553,7 +691,9 @@ def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = 
         why = "retraining as asked (--force)" if force else check_judge(paths[kind], kind, sha, backbone)
         if why is not None:
             if not train_if_missing:
-                raise FileNotFoundError(f"{why}; train it with: python judge.py train --kind {kind}")
+                flags = (f" --backbone {backbone}" if str(backbone) != BACKBONE else "") + (
+                    f" --data {data}" if data is not None else "") + (f" --version {version}" if version != "v0" else "")
+                raise FileNotFoundError(f"{why}; train it with: python judge.py train --kind {kind}{flags}")
             _log(f"judge {kind}: training ({why})")
             todo.append(kind)
     model, tokenizer = _load_backbone(backbone, model, tokenizer)  # once, for training and loading alike
@@ -655,7 +795,12 @@ def main(argv=None) -> int:
             print(json.dumps({"question": r["question"], "answer": r["answer"], args.kind: sc >= 0.5,
                               "score": round(sc, 4)}))
         return 0
-    except (ValueError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print("\n" + llama.interrupted_message(), file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        if os.environ.get("EDITLOC_DEBUG"):
+            raise
         print(f"judge.py: error: {e}", file=sys.stderr)
         return 2
 

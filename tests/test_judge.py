@@ -176,12 +176,66 @@ def test_kinds_side_by_side_equal_one_at_a_time(tiny, tmp_path, monkeypatch):
         torch.set_num_threads(saved)
 
 
+def test_training_resumes_after_interrupts(tiny, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the frozen pass, then during the fits (two kinds side by side: the other one stops too),
+    keeps the parts and checkpoints saved so far; the same call then goes on from them, and the judges equal
+    an uninterrupted training's exactly. The work in progress is removed once the judges are saved."""
+    import llama
+
+    path, model, tok = tiny
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(judge, "RECIPE", dict(TINY_RECIPE, epochs=2))
+    data = write_data(tmp_path / "data", learnable_lines())
+
+    def train(tag):
+        return judge.train_judges(judge.KINDS, data=data, backbone=str(path), model=model, tokenizer=tok, threads=2,
+                                  out={kind: tmp_path / f"{tag}-{kind}" for kind in judge.KINDS})
+
+    whole = train("whole")
+    monkeypatch.setattr(llama, "SAVE_EVERY_S", 0.0)  # save after every question (frozen pass) and step (fits)
+
+    def interrupt_after(name, n):
+        real, calls = getattr(judge, name), []
+
+        def save_then_interrupt(*a):
+            real(*a)
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(judge, name, save_then_interrupt)
+        return real
+
+    real = interrupt_after("_save_frozen_part", 3)
+    with pytest.raises(KeyboardInterrupt):
+        train("resumed")
+    work = next((tmp_path / "cache" / "judges").glob(".partial-*"))
+    assert len(list((work / "frozen").glob("part-*"))) == 3 and "frozen pass over" in llama.interrupted_message()
+    monkeypatch.setattr(judge, "_save_frozen_part", real)
+    real = interrupt_after("_save_fit", 30)  # in the first hold-out fit of one kind
+    with pytest.raises(KeyboardInterrupt):
+        train("resumed")
+    assert len(list(work.glob("*.pt"))) == 2  # both kinds' fits saved their state when stopped
+    assert "judge truth: fit" in llama.interrupted_message() and "judge info: fit" in llama.interrupted_message()
+    monkeypatch.setattr(judge, "_save_fit", real)
+    capsys.readouterr()
+    resumed = train("resumed")
+    assert "frozen pass resuming" in capsys.readouterr().err
+    for kind in judge.KINDS:
+        assert resumed[kind].meta["validation"] == whole[kind].meta["validation"]
+        for (n, a), (_, b) in zip(whole[kind].head.state_dict().items(), resumed[kind].head.state_dict().items()):
+            assert torch.equal(a, b), (kind, n)
+    assert not work.exists() and not [k for k in llama.KEPT if k.startswith("judges")]
+
+
 def test_cli_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
     data = write_data(tmp_path / "data", learnable_lines(3))
     assert judge.main(["score", "--kind", "truth", "--question", "Q?", "--answer", "A", "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no trained truth judge" in err and "judge.py train" in err
+    assert judge.main(["score", "--kind", "truth", "--question", "Q?", "--answer", "A", "--data", str(data),
+                       "--backbone", str(tmp_path / "mine")]) == 2  # the suggested command trains that judge
+    assert f"judge.py train --kind truth --backbone {tmp_path / 'mine'} --data {data}" in capsys.readouterr().err
     assert judge.main(["score", "--kind", "info", "--jsonl", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl: no such --jsonl file" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"question": "Q?"}\n')

@@ -51,6 +51,8 @@ def test_user_errors_are_one_line_exit_2(argv, msg, capsys):
     ("--tau", "0.1,,0.3", "comma-separated list"), ("--lr", "", "comma-separated list"),
     ("--lr", "1e-3,nan", "expected a finite number > 0"), ("--patience", "0", "integer >= 1"),
     ("--eval-every", "0", "integer >= 1"), ("--lora-scale", "0", "> 0"),
+    ("--alpha", "nan", "expected a finite number"), ("--alpha", "inf", "expected a finite number"),
+    ("--head-seed", "-1", "integer >= 0"), ("--seed", "-3", "integer >= 0"),
 ])
 def test_bad_flag_value_exits_2(flag, value, expected, capsys):
     with pytest.raises(SystemExit) as e:
@@ -186,3 +188,147 @@ def test_tau_list_runs_one_run_per_tau(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "tau 0.5: Truth 0.500" in err and "(not converged)" in err and "best Truth*Info over tau: 0.500 at tau 0.5" in err
     assert run.RunConfig(tau=0.3).slug().endswith("-t0.3") and "-t" not in run.RunConfig(method="iti").slug()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input fails in seconds, before any model work, with one line; no run directory is left behind
+
+
+def one_line_error(argv, capsys, *msgs):
+    """run.main(argv) exits 2 with one error line (the last on stderr, after any progress lines) holding every one
+    of msgs, and no traceback."""
+    capsys.readouterr()
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [l for l in err if "error" in l]
+    assert errors == err[-1:] and all(m in err[-1] for m in msgs) and "Traceback" not in "".join(err), err
+    return err[-1]
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Any probe collection or training fails the test: the errors must come before them."""
+    import ipo
+    import probe
+
+    def boom(*a, **k):
+        raise AssertionError("model work started before the inputs were checked")
+
+    for mod, name in ((probe, "collect"), (ipo, "select_ipo"), (run, "evaluate")):
+        monkeypatch.setattr(mod, name, boom)
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("random999", "K=999 must be between 1 and 8"), ("probe0", "K=0 must be between 1 and 8"),
+    ("probe9", "K=9 must be between 1 and 8"), ("2.0", "head 2.0 out of range"), ("1.4", "head 1.4 out of range"),
+    ("single:5.1", "out of range"), ("0.0,1.1,0.0", "0.0 given more than once"),
+])
+def test_head_specs_checked_against_the_model_before_the_probes(spec, msg, tmp_path, tiny_model, no_model_work,
+                                                                 monkeypatch, capsys):
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    one_line_error(["--heads", spec, "--model", str(tiny_model), "--data", str(tiny_data(tmp_path)), "--dtype",
+                    "fp32", "--out", str(out)], capsys, f"--heads {spec!r}", msg)
+    assert not out.exists()
+
+
+def test_failed_start_claims_no_run_directory(tmp_path, tiny_model, monkeypatch, capsys):
+    """--model /nonexistent fails before the run directory exists; a directory whose run never started work
+    (config.json, split.json only) does not block the corrected command, and is not "resumed"."""
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    one_line_error(["--heads", "random2", "--model", str(tmp_path / "nonexistent"), "--out", str(out), "--name", "t",
+                    "--dtype", "fp32"], capsys, "nonexistent")
+    assert not out.exists()
+    d = out / "t"
+    d.mkdir(parents=True)  # left by an older editloc that wrote config.json first
+    (d / "config.json").write_text(json.dumps(run.asdict(run.RunConfig(model="/nonexistent"))))
+    (d / "split.json").write_text("{}")
+    cfg = run.RunConfig(model=str(tiny_model), dtype="fp32")
+    assert run.check_run_dir(d, cfg) is False
+    assert "taking over" in capsys.readouterr().err
+    (d / "config.json").write_text(json.dumps(run.asdict(cfg)))
+    assert run.check_run_dir(d, cfg) is False  # same settings, nothing done: not "resuming" either
+    (d / "probe").mkdir()  # work was done: other settings are refused, the same ones resume
+    assert run.check_run_dir(d, cfg) is True
+    with pytest.raises(run.UserError, match="differs in model"):
+        run.check_run_dir(d, run.RunConfig(model="/other", dtype="fp32"))
+
+
+def test_damaged_model_files_are_one_line(tmp_path, tiny_model, no_model_work, monkeypatch, capsys):
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    data = str(tiny_data(tmp_path))
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    argv = ["--heads", "random2", "--model", str(bad), "--data", data, "--dtype", "fp32", "--out", str(tmp_path / "r")]
+    st = bad / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-100])  # truncated
+    one_line_error(argv, capsys, "model.safetensors", "not a readable safetensors file")
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    for text, msg in [("[1, 2]", "expected a JSON object"), ("{", "cannot read a config.json"),
+                      (json.dumps({**cfg, "num_hidden_layers": None}), "num_hidden_layers is None"),
+                      (json.dumps({**cfg, "hidden_size": "wide"}), "hidden_size is 'wide'"),
+                      (json.dumps({**cfg, "rope_parameters": [1]}), "rope_parameters")]:
+        (bad / "config.json").write_text(text)
+        one_line_error(argv, capsys, "config.json", msg)
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file")
+    err = one_line_error([*argv[:2], "--model", str(fake), *argv[4:]], capsys, "model.gguf", "not a GGUF file")
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_data_and_settings_are_one_line(tmp_path, tiny_model, no_model_work, monkeypatch, capsys):
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    data = tiny_data(tmp_path)
+    argv = ["--heads", "random2", "--model", str(tiny_model), "--data", str(data), "--dtype", "fp32",
+            "--out", str(tmp_path / "r")]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    one_line_error(argv + ["--kl-text", str(empty)], capsys, "--kl-text", "has no text")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    one_line_error(argv + ["--kl-text", str(latin)], capsys, "--kl-text", "not UTF-8")
+    (tmp_path / "cachefile").write_text("")
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cachefile"))
+    one_line_error(argv, capsys, "$EDITLOC_CACHE", "not a directory")
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(argv + ["--device", "cuda"], capsys, "--device cuda")
+    one_line_error(["experiment", "ipo-random", "--device", "cuda"], capsys, "--device cuda")
+    csv_path = data / "v0" / "TruthfulQA.csv"
+    csv_path.write_bytes(csv_path.read_bytes() + "caf\xe9".encode("latin-1"))
+    one_line_error(argv, capsys, "TruthfulQA.csv", "not a UTF-8 CSV file")
+    assert not (tmp_path / "r").exists()
+
+
+def test_edit_files_without_tensors_are_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    import iti
+
+    for fmt in ("editloc.Rank1Edit", iti.FORMAT):
+        p = tmp_path / f"{fmt}.safetensors"
+        save_file({"x": torch.zeros(2)}, str(p), metadata={"format": fmt, "heads": "[]", "alpha": "1.0",
+                                                           "config": "{}"})
+        one_line_error(["audit", str(p)], capsys, str(p))
+
+
+def test_interrupt_says_what_was_kept(monkeypatch, capsys):
+    """Ctrl-C: exit 130, no traceback, and the line names what the unfinished long steps kept."""
+    import judge
+    import llama
+
+    def interrupted(*a, **k):
+        llama.note_kept("activations", "activations of 64 of 128 examples (in /cache/activations)")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "cmd_run", interrupted)
+    assert run.main(["--heads", "random2"]) == 130
+    err = capsys.readouterr().err
+    assert "activations of 64 of 128 examples" in err and "run the same command again" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(judge, "load_judges", interrupted)
+    assert judge.main(["train"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    llama.note_kept("activations", None)
