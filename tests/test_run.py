@@ -153,6 +153,7 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monke
         assert (d / "ipo_curve.png").stat().st_size > 1000 and "ipo_curve.png" in report
     for f in ("config.json", "split.json", "ipo/edit.safetensors", "iti/edit.safetensors", "probe/probe_acc.json"):
         assert (d / f).exists(), f
+    assert not list(d.glob("*.parts.json")) and not list((tmp_path / "cache").rglob("*.part*"))  # work in progress
 
     # the audit command reads a saved edit back and finds it where the run did
     capsys.readouterr()
@@ -332,3 +333,46 @@ def test_interrupt_says_what_was_kept(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
     llama.note_kept("activations", None)
+
+
+def test_evaluation_resumes_piece_by_piece(tmp_path, monkeypatch):
+    """An evaluation interrupted after some of its five pieces keeps them; the next call computes only the rest
+    and gives the same result as an uninterrupted evaluation."""
+    import types
+
+    import metrics
+
+    qs = [types.SimpleNamespace(qid=i, question=f"q{i}") for i in range(4)]
+    calls = []
+
+    def piece(name, value):
+        def f(*a, **k):
+            calls.append(name)
+            if name == stop_at[0]:
+                raise KeyboardInterrupt
+            return value
+        return f
+
+    kl = {"kl": 0.5, "ce": 2.0, "tokens": 8, "per_text": {"kl": [0.25, 0.75], "ce": [1.0, 3.0], "tokens": [4, 4]}}
+    per = {"truth": [1.0, 0.0, 1.0, 1.0], "info": [1.0] * 4, "truth_score": [0.9, 0.1, 0.8, 0.7],
+           "info_score": [0.6] * 4}
+    monkeypatch.setattr(metrics, "generate_answers", piece("answers", ["a", "b", "c", "d"]))
+    monkeypatch.setattr(metrics, "truth_info", piece("truth_info", {"per_question": per}))
+    monkeypatch.setattr(metrics, "mc_scores", piece("mc", {"per_question": {"mc1": [1.0, 0.0, 0.0, 1.0],
+                                                                            "mc2": [0.5] * 4, "mc3": [0.25] * 4}}))
+    monkeypatch.setattr(metrics, "kl_ce", piece("kl", kl))
+    ctx = types.SimpleNamespace(test=qs, model=None, tok=None, prompts=None, judges=(None, None),
+                                kl_texts=lambda: ["x"], qa_texts=lambda: ["y"])
+    stop_at = [None]
+    whole = run.evaluate(ctx, None, "ipo")
+    parts = tmp_path / "eval_ipo.parts.json"
+    stop_at[0], calls[:] = "mc", []
+    with pytest.raises(KeyboardInterrupt):
+        run.evaluate(ctx, None, "ipo", parts)
+    assert calls == ["answers", "truth_info", "mc"] and list(json.loads(parts.read_text())) == ["answers", "truth_info"]
+    from llama import interrupted_message
+    assert "the ipo evaluation's answers, truth_info" in interrupted_message()
+    stop_at[0], calls[:] = None, []
+    again = run.evaluate(ctx, None, "ipo", parts)
+    assert calls == ["mc", "kl", "kl"]  # kl_ce twice: the neutral text and the questions
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
