@@ -147,7 +147,7 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
     if any(c is False for c in conv.values()):
         v += (" WARNING: " + ", ".join(k for k, c in conv.items() if c is False) + " did not converge: their "
               "figures understate what an edit there can do.")
-    cols = [k for k in METRICS + ("pref_acc", "pref_margin") if k in res["candidate"]["metrics"]["ipo"] and k != key]
+    cols = [k for k in METRICS if k in res["candidate"]["metrics"]["ipo"] and k != key]
     lines = [f"# localize {cand_spec} against the {null} null", "", v, "",
              f"| edit | heads | {what} | " + " | ".join(cols) + " | converged |", "|---" * (4 + len(cols)) + "|"]
     for name, c in runs:

@@ -4,7 +4,9 @@
     python run.py --heads probe16 --method both       # IPO and ITI at the 16 best-probed heads
     python run.py --heads random16 --paper            # the paper's full settings (all pairs, 2 epochs)
     python run.py audit runs/<name>/ipo/edit.safetensors   # where an edit enters, head by head
-    python run.py experiment ipo-random --quick       # one of the paper's figures (see EXPERIMENTS)
+    python run.py experiment ipo-random --quick       # one of the paper's figures (experiments.py)
+    python run.py localize --heads probe16            # a candidate head set against null sets (localize.py)
+    python run.py --heads probe16 --pairs FILE.jsonl  # any behaviour as preference pairs (pairs.py)
 
 Every step writes its result into the run directory before the next starts, so an interrupted run resumes
 where it stopped when the same command is given again, and a finished run does no work.
@@ -84,7 +86,9 @@ class RunConfig:
     eval_every: int = 10  # validate every this many steps
     patience: int = 4  # stop after this many validations without a gain of min_delta (relative)
     min_delta: float = 0.002
-    probe_layout: str = "paper"  # probe examples: "paper" (x, y, x_random) or "iti" ("Q: x\nA: y")
+    probe_layout: str = "paper"  # probe examples: "paper" (x, y, x_random) or "iti" ("Q: x\nA: y"); pairs: "raw"
+    pairs: str | None = None  # a preference-pairs file (pairs.py) instead of TruthfulQA
+    pairs_format: str = "pairs"  # "pairs" (prompt/chosen/rejected JSONL) or "persona" (Anthropic's persona files)
     alpha: float = 5.0  # ITI strength (ITI used 15 on 7B models; 15 breaks SmolLM2-135M, 5 does not)
     n_test: int | None = None  # None: every test question
     kl_text: str | None = None
@@ -112,7 +116,8 @@ class RunConfig:
 DTYPE_HELP = ("model dtype; auto (default): bf16 on a GPU, and on a CPU whichever of bf16 and fp32 runs its "
               "matmuls faster, measured once per machine; the run records the dtype used")
 PROBE_LAYOUT_TEXT = {"paper": "the paper's (x, y, x_random): question, answer, another random training question",
-                 "iti": "ITI's (x, y): question and answer"}
+                 "iti": "ITI's (x, y): question and answer",
+                 "raw": "the pairs file's prompt as written, then the chosen or rejected answer"}
 PAPER = dict(epochs=2, max_pairs=None, n_test=None)  # the paper's settings (tau, lr by head count, batch 4)
 
 
@@ -151,6 +156,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help=f"validation questions whose pairs the stopping rule reads (default {d.val_questions})")
     p.add_argument("--probe-layout", choices=("paper", "iti"), default=d.probe_layout,
                    help="probe examples: paper (question, answer, a random other question) or iti (question, answer)")
+    p.add_argument("--pairs", default=None, metavar="FILE",
+                   help="any behaviour: a JSONL of {prompt, chosen, rejected[, split]} lines instead of TruthfulQA "
+                        "(measured by held-out preference accuracy, MC and KL; no judges; probes read prompt + answer)")
+    p.add_argument("--pairs-format", choices=("pairs", "persona"), default=d.pairs_format,
+                   help="persona: read Anthropic's persona files (../shared/data/persona) directly")
     p.add_argument("--batch-size", type=_pos_int, default=d.batch_size)
     p.add_argument("--max-pairs", type=_pos_int_or_all, default=None,
                    help=f"training pairs used (default {d.max_pairs}; 'all' for every pair)")
@@ -221,7 +231,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                   scale=a.lora_scale,
                   batch_size=a.batch_size, patience=a.patience, eval_every=a.eval_every,
                   val_questions=a.val_questions, probe_layout=a.probe_layout, alpha=a.alpha, kl_text=a.kl_text,
-                  dtype=a.dtype, device=a.device)
+                  dtype=a.dtype, device=a.device, pairs=a.pairs, pairs_format=a.pairs_format)
     if a.paper:
         c = replace(c, **PAPER)
     if a.epochs is not None:
@@ -240,6 +250,11 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     c.dtype = resolve_dtype(c.dtype, c.device)
     if c.kl_text:
         read_kl_text(Path(c.kl_text))
+    if c.pairs:
+        import pairs
+
+        pairs.load_pairs(c.pairs, c.pairs_format, c.seed)  # a malformed file fails now, naming its line
+        c.probe_layout = "raw"
     return c
 
 
@@ -270,24 +285,36 @@ class Context:
 
         self.cfg = cfg
         t = time.time()
-        self.questions = truthfulqa.load_questions(cfg.data, cfg.version)  # the data first: it reads in a second
+        if cfg.pairs:  # any behaviour: questions, split and prompts from a pairs file (pairs.py)
+            import pairs
+
+            ps = pairs.load_pairs(cfg.pairs, cfg.pairs_format, cfg.seed)
+            self.questions, self.split, self.prompts = ps.questions, ps.split, ps.prompts
+            data = f"{ps.path} ({ps.n_pairs} pairs, {len(ps.questions)} prompts"
+        else:
+            self.questions = truthfulqa.load_questions(cfg.data, cfg.version)  # the data first: it reads in a second
+            self.split = truthfulqa.make_split(self.questions, seed=cfg.seed)
+            self.prompts = truthfulqa.load_prompts(cfg.data)
+            for kind in ("truth", "info"):  # the judges' data, read (and the judges trained) only at evaluation
+                truthfulqa.load_judge_lines(cfg.data, kind, "v0")
+            data = f"TruthfulQA {cfg.version} ({len(self.questions)} questions"
         self.by_qid = {q.qid: q for q in self.questions}
-        self.split = truthfulqa.make_split(self.questions, seed=cfg.seed)
-        self.prompts = truthfulqa.load_prompts(cfg.data)
-        for kind in ("truth", "info"):  # the judges' data, read (and the judges trained) only at evaluation
-            truthfulqa.load_judge_lines(cfg.data, kind, "v0")
         self.model = Llama.from_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device)
         self.tok = Tokenizer.from_pretrained(self.model.source)
         self.model_name = cfg.model if "/" not in cfg.model else Path(cfg.model).name
         self._probes = {}  # probe layout -> ProbeResult
         self._judges = None
-        log(f"loaded {cfg.model} ({cfg.dtype}, {cfg.device}) and TruthfulQA {cfg.version} "
-            f"({len(self.questions)} questions: {len(self.split.train)} train / {len(self.split.val)} val / "
-            f"{len(self.split.test)} test) in {time.time() - t:.1f}s")
+        log(f"loaded {cfg.model} ({cfg.dtype}, {cfg.device}) and {data}: {len(self.split.train)} train / "
+            f"{len(self.split.val)} val / {len(self.split.test)} test) in {time.time() - t:.1f}s")
 
     def key(self, cfg: RunConfig) -> tuple:
         """What the loaded pieces depend on: runs with the same key share one Context."""
-        return (cfg.model, cfg.dtype, cfg.device, cfg.data, cfg.version, cfg.seed)
+        return (cfg.model, cfg.dtype, cfg.device, cfg.data, cfg.version, cfg.seed, cfg.pairs, cfg.pairs_format)
+
+    @property
+    def judged(self) -> bool:
+        """Whether answers are generated and judged (TruthfulQA) or the behaviour is measured without judges."""
+        return not self.cfg.pairs
 
     @property
     def test(self) -> list:
@@ -325,10 +352,11 @@ class Context:
         return read_kl_text(Path(self.cfg.kl_text) if self.cfg.kl_text else metrics.NEUTRAL_TEXT)
 
     def qa_texts(self) -> list[str]:
-        """The in-domain text of KL_qa and CE_qa: each test question with its best answer."""
+        """The in-domain text of KL_qa and CE_qa: each test question with its best answer (a pairs file: each
+        test prompt with its first chosen answer)."""
         import metrics
 
-        return metrics.qa_texts(self.test)
+        return metrics.qa_texts(self.test) if self.judged else [q.question + q.best for q in self.test]
 
     def check_heads(self, cfg: RunConfig) -> None:
         """Fail now, before the probes run, when the head spec names no head set of this model."""
@@ -358,12 +386,13 @@ class Context:
 # Evaluation
 
 
-METRICS = ("truth", "info", "truth_info", "mc1", "mc2", "mc3", "kl", "ce", "kl_qa", "ce_qa")
+METRICS = ("truth", "info", "truth_info", "mc1", "mc2", "mc3", "pref_acc", "pref_margin", "kl", "ce", "kl_qa",
+           "ce_qa")  # a pairs file's runs have no truth, info, truth_info (no judges)
 
 
 def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
     """Generation + judges, MC1/2/3 and KL/CE on the test questions with `edit` active (None: the base model).
-    Returns the aggregate figures with 95% bootstrap intervals and every per-question value. Each of the five
+    Returns the aggregate figures with 95% bootstrap intervals and every per-question value. Each of the
     pieces (a minute or more each) is kept in `parts` (JSON) as it is done, so that an interrupted evaluation
     resumes from there; the caller deletes `parts` once the whole evaluation is saved."""
     import metrics
@@ -383,23 +412,28 @@ def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
                 note_kept("evaluation", f"the {label} evaluation's {', '.join(have)} (in {parts})")
         return have[name]
 
-    answers = piece("answers", lambda: metrics.generate_answers(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
-    ti = piece("truth_info", lambda: metrics.truth_info(*ctx.judges, qs, answers))
+    if ctx.judged:
+        answers = piece("answers", lambda: metrics.generate_answers(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
+        ti = piece("truth_info", lambda: metrics.truth_info(*ctx.judges, qs, answers))
     mc = piece("mc", lambda: metrics.mc_scores(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
+    pref = piece("pref", lambda: metrics.preference(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
     kl = piece("kl", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.kl_texts(), edit=edit,
                                            every_position=True))  # off-target
     kl_qa = piece("kl_qa", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.qa_texts(), edit=edit))  # in-domain
     note_kept("evaluation", None)
-    per = {"truth": ti["per_question"]["truth"], "info": ti["per_question"]["info"],
-           "truth_score": ti["per_question"]["truth_score"], "info_score": ti["per_question"]["info_score"],
+    per = {**({k: ti["per_question"][k] for k in ("truth", "info", "truth_score", "info_score")} if ctx.judged else {}),
            "mc1": mc["per_question"]["mc1"], "mc2": mc["per_question"]["mc2"], "mc3": mc["per_question"]["mc3"],
+           "pref_acc": pref["per_question"]["pref_acc"], "pref_margin": pref["per_question"]["pref_margin"],
            "kl": kl["per_text"]["kl"], "ce": kl["per_text"]["ce"], "kl_tokens": kl["per_text"]["tokens"],
            "kl_qa": kl_qa["per_text"]["kl"], "ce_qa": kl_qa["per_text"]["ce"], "kl_qa_tokens": kl_qa["per_text"]["tokens"]}
     figures = {}
-    for k in ("truth", "info", "truth_score", "info_score", "mc1", "mc2", "mc3"):
-        figures[k] = {"value": float(np.mean(per[k])), "ci95": metrics.bootstrap_ci(per[k])}
-    figures["truth_info"] = {"value": figures["truth"]["value"] * figures["info"]["value"],
-                             "ci95": metrics.bootstrap_ci_product(per["truth"], per["info"])}
+    for k in ("truth", "info", "truth_score", "info_score", "mc1", "mc2", "mc3", "pref_margin"):
+        if k in per:
+            figures[k] = {"value": float(np.mean(per[k])), "ci95": metrics.bootstrap_ci(per[k])}
+    figures["pref_acc"] = {"value": pref["pref_acc"], "ci95": metrics.bootstrap_ci(per["pref_acc"])}  # over pairs
+    if ctx.judged:
+        figures["truth_info"] = {"value": figures["truth"]["value"] * figures["info"]["value"],
+                                 "ci95": metrics.bootstrap_ci_product(per["truth"], per["info"])}
     for k in ("kl", "ce"):  # token-weighted means, and intervals of the same (texts resampled)
         for sfx, r in (("", kl), ("_qa", kl_qa)):
             n = r["per_text"]["tokens"]
@@ -407,28 +441,25 @@ def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
                 [v * t for v, t in zip(r["per_text"][k], n)], n)}
     gens = [{"qid": q.qid, "question": q.question, "answer": a, "truth": t, "info": i, "truth_score": ts,
              "info_score": is_} for q, a, t, i, ts, is_ in zip(qs, answers, per["truth"], per["info"],
-                                                                per["truth_score"], per["info_score"])]
+                                                                per["truth_score"], per["info_score"])] if ctx.judged else []
     dt = time.time() - t0
-    log(f"[{label}] Truth {figures['truth']['value']:.3f} Info {figures['info']['value']:.3f} "
-        f"Truth*Info {figures['truth_info']['value']:.3f} MC1 {figures['mc1']['value']:.3f} "
-        f"MC2 {figures['mc2']['value']:.3f} KL {figures['kl']['value']:.4f} KL_qa {figures['kl_qa']['value']:.4f} "
-        f"({dt:.0f}s)")
+    log(f"[{label}] " + " ".join(f"{k} {figures[k]['value']:.3f}" for k in METRICS if k in figures) + f" ({dt:.0f}s)")
     return {"label": label, "figures": figures, "per_question": per, "qids": [q.qid for q in qs],
             "generations": gens, "n_test": len(qs), "kl_texts": len(kl["per_text"]["kl"]), "seconds": dt}
 
 
 # part of the base evaluation's cache key (with each judge's data and training time); bumped when the numbers
 # an unchanged model gives change (2: fp32 generation through oneDNN's kernel, llama.linear; 3: KL on the
-# neutral text and KL_qa; 4: per-text token counts, token-weighted KL/CE intervals)
-BASE_EVAL_VERSION = 4
+# neutral text and KL_qa; 4: per-text token counts, token-weighted KL/CE intervals; 5: preference accuracy)
+BASE_EVAL_VERSION = 5
 
 
 def base_eval(ctx: Context) -> dict:
     """The base model's evaluation, cached across runs (keyed by everything it depends on)."""
-    tj, ij = ctx.judges
+    judges = ctx.judges if ctx.judged else ()
     key = hashlib.sha256(json.dumps([BASE_EVAL_VERSION, ctx.model.source, ctx.cfg.dtype, ctx.cfg.version,
                                      ctx.cfg.seed, [q.qid for q in ctx.test], ctx.prompts.layout_id,
-                                     [(j.meta.get("data_sha256"), j.meta.get("created")) for j in (tj, ij)],
+                                     [(j.meta.get("data_sha256"), j.meta.get("created")) for j in judges],
                                      hashlib.sha256("\n".join(ctx.kl_texts()).encode()).hexdigest()],
                                     default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "evals" / f"base-{key}.json"
@@ -587,10 +618,9 @@ def _ipo_meta(d: Path) -> dict | None:
 
 
 def versions(ctx: Context) -> dict:
-    tj, ij = ctx.judges
+    js = dict(zip(("truth", "info"), ctx.judges)) if ctx.judged else {}
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "model_source": ctx.model.source, "judges": {"truth": tj.meta.get("validation"),
-                                                         "info": ij.meta.get("validation")},
+            "model_source": ctx.model.source, "judges": {k: j.meta.get("validation") for k, j in js.items()},
             "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 
@@ -610,7 +640,7 @@ def ipo_status(i: dict | None) -> str:
 def summary(res: dict) -> str:
     rows = [f"run {res['run_dir']}: heads {res['head_spec']} ({len(res['heads'])})"]
     for label, m in res["metrics"].items():
-        rows.append(f"  {label:5s} " + "  ".join(f"{k} {m[k]['value']:.3f}" for k in METRICS))
+        rows.append(f"  {label:5s} " + "  ".join(f"{k} {m[k]['value']:.3f}" for k in METRICS if k in m))
     if res.get("ipo"):
         rows.append("  " + ipo_status(res["ipo"]))
     rows.append(f"  report: {res['run_dir']}/report.md   ({res['timings']['total_s']:.0f}s)")
@@ -619,6 +649,9 @@ def summary(res: dict) -> str:
 
 def tau_summary(res: dict) -> str:
     """The runs of one head set over several taus: Truth, Info, Truth*Info each, and the best over tau."""
+    if "truth_info" not in next(iter(res.values()))["metrics"]["ipo"]:  # a pairs file: preference accuracy
+        return "tau curve (IPO): " + "; ".join(f"tau {t:g}: pref_acc {r['metrics']['ipo']['pref_acc']['value']:.3f}"
+                                               for t, r in res.items())
     rows = ["tau curve (IPO): " + "; ".join(
         f"tau {t:g}: Truth {r['metrics']['ipo']['truth']['value']:.3f} Info {r['metrics']['ipo']['info']['value']:.3f} "
         f"Truth*Info {r['metrics']['ipo']['truth_info']['value']:.3f}"
@@ -691,7 +724,7 @@ def audit_edit(ctx: Context, edit, n_prompts: int = 32) -> dict:
         with torch.inference_mode():
             v = edit.head_vectors(l, model.layers[l].W_O)  # [H, M]: alpha W_h theta_h (ITI), W_h b_h (IPO)
         if v is None:  # b in model space (the plain LoRA): one row per layer
-            rows.append({"where": f"{l}.*", "vector_norm": float(edit.b_eff()[l].norm()),
+            rows.append({"where": f"{l}.*", "vector_norm": float(edit.b_eff()[l].detach().norm()),
                          "mean_delta_norm": float(layer_sums[l]) / n, "share": float(layer_sums[l]) / total})
             continue
         for h in range(H):
@@ -769,7 +802,9 @@ def _fmt(m: dict) -> str:
 def report(res: dict, d: Path, acc: torch.Tensor) -> str:
     cfg = res["config"]
     out = [f"# editloc run `{d.name}`", "",
-           f"Model `{cfg['model']}` ({cfg['dtype']}), TruthfulQA {cfg['version']}, split seed {cfg['seed']} "
+           f"Model `{cfg['model']}` ({cfg['dtype']}), "
+           + (f"pairs file `{cfg['pairs']}` ({cfg.get('pairs_format')})" if cfg.get("pairs") else
+              f"TruthfulQA {cfg['version']}") + f", split seed {cfg['seed']} "
            f"({len(res['split']['train'])} train / {len(res['split']['val'])} val / {len(res['split']['test'])} "
            f"test questions; {len(res['per_question']['base']['qids'])} evaluated).", "",
            f"Heads (`{res['head_spec']}`, head seed {res['head_seed']}): {', '.join(res['heads'])}", "",
@@ -778,12 +813,15 @@ def report(res: dict, d: Path, acc: torch.Tensor) -> str:
         a = list(res["probe_acc_of_heads"].values())
         out += [f"Probe validation accuracy of these heads: mean {np.mean(a):.3f} (all heads: mean "
                 f"{float(acc.mean()):.3f}, max {float(acc.max()):.3f}).", ""]
-    out += ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    keys = [k for k in METRICS if all(k in m for m in res["metrics"].values())]
+    out += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for label, m in res["metrics"].items():
         mark = " (NOT CONVERGED)" if label == "ipo" and not (res.get("ipo") or {}).get("converged", True) else ""
-        out.append(f"| {label}{mark} | " + " | ".join(_fmt(m[k]) for k in METRICS) + " |")
+        out.append(f"| {label}{mark} | " + " | ".join(_fmt(m[k]) for k in keys) + " |")
     out += ["", "Truth, Info: fractions of test answers the judges call true / informative; MC1-3 from TruthfulQA's "
-            "multiple-choice targets; KL: mean per-token KL(base || edited) on neutral text (the edit acting at "
+            "multiple-choice targets (a pairs file: chosen against rejected answers); pref_acc, pref_margin: the "
+            "fraction of held-out (chosen, rejected) pairs whose chosen answer has the higher per-token log-prob, "
+            "and the mean difference (no judge); KL: mean per-token KL(base || edited) on neutral text (the edit acting at "
             "every position; `--kl-text` or editloc's neutral.txt), CE the edited model's cross-entropy there "
             "(nats/token); KL_qa, CE_qa: the same on the test questions with their best answers (in-domain). "
             "Intervals: 95% bootstrap over questions (texts for KL, CE).", ""]
@@ -814,10 +852,12 @@ def pictures(res: dict, d: Path) -> list[str]:
         return ["Pictures need matplotlib (`pip install -e .[plots]`); it is not installed, so none were drawn."]
     lines = []
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    x, y = ("info", "truth") if "truth" in res["metrics"]["base"] else ("pref_margin", "pref_acc")  # pairs: no judges
     for label, m in res["metrics"].items():
-        ax[0].scatter(m["info"]["value"], m["truth"]["value"], label=label, s=60)
+        ax[0].scatter(m[x]["value"], m[y]["value"], label=label, s=60)
         ax[1].scatter(m["kl"]["value"], m["mc2"]["value"], label=label, s=60)
-    ax[0].set(xlabel="Info", ylabel="Truth", title="Truth vs Info")
+    ax[0].set(xlabel=x.capitalize() if x == "info" else x, ylabel=y.capitalize() if y == "truth" else y,
+              title=f"{y} vs {x}")
     ax[1].set(xlabel="KL(base || edited)", ylabel="MC2", title="MC vs KL")
     for a in ax:
         a.legend()
@@ -870,6 +910,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "audit":
             return cmd_audit(argv[1:])
+        if argv and argv[0] == "localize":
+            import localize
+
+            return localize.cmd_localize(argv[1:])
         if argv and argv[0] == "experiment":
             import experiments
 

@@ -80,3 +80,65 @@ def test_verdicts(tmp_path, judged):
     assert v["permutation"]["p"] > 0.05 and "no evidence that they localize" in v["verdict"]
     text = (tmp_path / "b" / "report.md").read_text()
     assert "| candidate |" in text and "| full |" in text and "Holm" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end on a tiny model and a synthetic behaviour
+
+
+def _pairs_file(path, n=80):
+    path.write_text("".join(json.dumps({"prompt": f"Human: Is statement number {i} one you agree with?\n\nAssistant:",
+                                        "chosen": " yes", "rejected": " no"}) + "\n" for i in range(n)))
+    return path
+
+
+def _tiny(tmp_path, planted=None):
+    """A tiny Llama (2 layers x 4 heads) with the real tokenizer; `planted`: the only heads whose o_proj
+    columns are left non-zero, so edits elsewhere in the heads cannot move the output."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llama import resolve_model
+
+    path = write_tiny(tmp_path / "tiny", tiny_config(vocab=49152, n_layers=2, tied=True))
+    shutil.copy(resolve_model("smollm2-135m") / "tokenizer.json", path / "tokenizer.json")
+    if planted:
+        w = load_file(str(path / "model.safetensors"))
+        for l in range(2):
+            o = w[f"model.layers.{l}.self_attn.o_proj.weight"].view(24, 4, 8)
+            for h in range(4):
+                if (l, h) not in planted:
+                    o[:, h] = 0
+        save_file(w, str(path / "model.safetensors"))
+    return path
+
+
+def _localize(tmp_path, model, heads, null, n, out, shard=None):
+    kl = tmp_path / "neutral.txt"
+    kl.write_text("The bakery opens at seven and sells bread.\nRain is expected over the hills tonight.\n")
+    argv = ["localize", "--heads", heads, "--null", null, "--n", str(n), "--pairs", str(_pairs_file(tmp_path / "p.jsonl")),
+            "--model", str(model), "--dtype", "fp32", "--out", str(out), "--kl-text", str(kl), "--max-pairs", "48",
+            "--lr", "0.05", "--epochs", "3", "--eval-every", "3", "--patience", "2", "--val-questions", "8",
+            "--tau", "0.02"]  # IPO aims at a margin gain of 1/(2 tau) = 25, past the tiny model's prior
+    for s in (shard or [None]):
+        assert run.main(argv + (["--shard", s] if s else [])) == 0
+    (d,) = out.glob("localize-*")
+    return json.loads((d / "verdict.json").read_text()), d
+
+
+def test_localize_finds_a_planted_localization_and_not_a_fake_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    # the behaviour can only pass through head 1.2: the complement of it cannot do what it does
+    model = _tiny(tmp_path / "a", planted=[(1, 2)])
+    v, d = _localize(tmp_path, model, "1.2", "complement", 1, tmp_path / "out-a")
+    assert v["measure"] == "pref_acc" and v["values"]["candidate"] > v["values"]["complement-1"] + 0.2
+    assert v["permutation"]["p"] < 0.05 and "beats the complement null" in v["verdict"]
+    assert (d / "report.md").exists() and (d / "candidate" / "results.json").exists()
+    # an ordinary tiny model: any head set does as well, and the candidate is not declared special
+    model = _tiny(tmp_path / "b")
+    v, _ = _localize(tmp_path, model, "1.2", "random", 3, tmp_path / "out-b")
+    assert v["permutation"]["p"] > 0.05 and "no evidence that they localize" in v["verdict"]
+    # sharded over two processes: the same verdict
+    vs, _ = _localize(tmp_path, model, "1.2", "random", 3, tmp_path / "out-c", shard=["1/2", "0/2"])
+    assert vs["values"] == v["values"] and vs["permutation"] == v["permutation"]

@@ -336,7 +336,7 @@ def test_interrupt_says_what_was_kept(monkeypatch, capsys):
 
 
 def test_evaluation_resumes_piece_by_piece(tmp_path, monkeypatch):
-    """An evaluation interrupted after some of its five pieces keeps them; the next call computes only the rest
+    """An evaluation interrupted after some of its pieces keeps them; the next call computes only the rest
     and gives the same result as an uninterrupted evaluation."""
     import types
 
@@ -360,8 +360,10 @@ def test_evaluation_resumes_piece_by_piece(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "truth_info", piece("truth_info", {"per_question": per}))
     monkeypatch.setattr(metrics, "mc_scores", piece("mc", {"per_question": {"mc1": [1.0, 0.0, 0.0, 1.0],
                                                                             "mc2": [0.5] * 4, "mc3": [0.25] * 4}}))
+    monkeypatch.setattr(metrics, "preference", piece("pref", {"pref_acc": 0.5, "pref_margin": 0.1, "per_question": {
+        "pref_acc": [1.0, 0.0, 1.0, 0.0], "pref_margin": [0.3, -0.1, 0.2, 0.0]}}))
     monkeypatch.setattr(metrics, "kl_ce", piece("kl", kl))
-    ctx = types.SimpleNamespace(test=qs, model=None, tok=None, prompts=None, judges=(None, None),
+    ctx = types.SimpleNamespace(test=qs, model=None, tok=None, prompts=None, judges=(None, None), judged=True,
                                 kl_texts=lambda: ["x"], qa_texts=lambda: ["y"])
     stop_at = [None]
     whole = run.evaluate(ctx, None, "ipo")
@@ -374,5 +376,5 @@ def test_evaluation_resumes_piece_by_piece(tmp_path, monkeypatch):
     assert "the ipo evaluation's answers, truth_info" in interrupted_message()
     stop_at[0], calls[:] = None, []
     again = run.evaluate(ctx, None, "ipo", parts)
-    assert calls == ["mc", "kl", "kl"]  # kl_ce twice: the neutral text and the questions
+    assert calls == ["mc", "pref", "kl", "kl"]  # kl_ce twice: the neutral text and the questions
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}

@@ -131,7 +131,7 @@ def test_probe_examples_paper_layout(v0):
     with pytest.raises(ValueError, match="at least 2 questions"):
         tqa.probe_examples(v0, [3, 3])
     assert tqa.probe_examples(v0, [3], layout="iti")  # ITI's layout needs no other question
-    with pytest.raises(ValueError, match=r"probe layout 'ITI': expected one of \['iti', 'paper'\]"):
+    with pytest.raises(ValueError, match=r"probe layout 'ITI': expected one of \['iti', 'paper', 'raw'\]"):
         tqa.probe_examples(v0, [3, 8], layout="ITI")
 
 
