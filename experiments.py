@@ -112,6 +112,16 @@ def experiment_runs(name: str, base: RunConfig, size: dict, dims: tuple[int, int
     return key_runs([full, probe16], singles)
 
 
+def glue_dash_values(argv: list[str], flags) -> list[str]:
+    """`--shard -1/4` as `--shard=-1/4`, so that argparse hands the value to the range check (which names the
+    flag and what it expects) instead of reading it as an unknown option."""
+    out = list(argv)
+    for k in range(len(out) - 1):
+        if out[k] in flags and out[k + 1].startswith("-"):
+            out[k:k + 2] = [f"{out[k]}={out[k + 1]}", ""]
+    return [x for x in out if x != ""]
+
+
 def cmd_experiment(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="run.py experiment", description="Reproduce one of the paper's figures.")
     p.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
@@ -126,7 +136,7 @@ def cmd_experiment(argv: list[str]) -> int:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help=DTYPE_HELP)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default="runs")
-    a = p.parse_args(argv)
+    a = p.parse_args(glue_dash_values(argv, ("--shard",)))
     try:
         i, n = (int(x) for x in a.shard.split("/"))
         assert 0 <= i < n

@@ -215,7 +215,9 @@ def cmd_localize(argv: list[str]) -> int:
     m = re.fullmatch(r"grad(\d+)", _flag(argv, "--heads") or "")
     if m:  # gradK is resolved below, once the model is loaded; the run parser sees a placeholder
         argv[argv.index("--heads") + 1] = "random" + m.group(1)
-    a = p.parse_args(argv)
+    from experiments import glue_dash_values
+
+    a = p.parse_args(glue_dash_values(argv, ("--shard",)))
     if not 1 <= a.n <= 1000:
         raise UserError(f"--n {a.n}: expected between 1 and 1000 null sets")
     if not 0 < a.margin < 1:

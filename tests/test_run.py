@@ -39,6 +39,13 @@ def test_every_spec_becomes_a_mask():
     (["--heads", "random16", "--kl-text", "/no/such/file"], "--kl-text"),
     (["audit", "/no/such/edit.safetensors"], "no such edit file"),
     (["experiment", "ipo-random", "--shard", "3/2"], "--shard"),
+    (["experiment", "ipo-random", "--shard", "-1/4"], "--shard '-1/4': expected i/n"),
+    (["experiment", "ipo-random", "--quick", "--paper"], "choose one size"),
+    (["experiment", "ipo-random", "--margin", "2"], "--margin"),
+    (["localize", "--heads", "probe16", "--n", "0"], "--n 0"),
+    (["localize", "--heads", "probe16", "--shard", "-1/4"], "--shard '-1/4'"),
+    (["localize", "--heads", "full"], "localize trains IPO edits at a head set"),
+    (["--heads", "random16", "--pairs", "/no/such.jsonl"], "--pairs /no/such.jsonl: no such file"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, msg, capsys):
     assert run.main(argv) == 2
