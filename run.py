@@ -89,6 +89,7 @@ class RunConfig:
     probe_layout: str = "paper"  # probe examples: "paper" (x, y, x_random) or "iti" ("Q: x\nA: y"); pairs: "raw"
     pairs: str | None = None  # a preference-pairs file (pairs.py) instead of TruthfulQA
     pairs_format: str = "pairs"  # "pairs" (prompt/chosen/rejected JSONL) or "persona" (Anthropic's persona files)
+    judge_model: str | None = None  # an external judge model directory (judge.ExternalJudge); None: editloc's
     alpha: float = 5.0  # ITI strength (ITI used 15 on 7B models; 15 breaks SmolLM2-135M, 5 does not)
     n_test: int | None = None  # None: every test question
     kl_text: str | None = None
@@ -161,6 +162,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "(measured by held-out preference accuracy, MC and KL; no judges; probes read prompt + answer)")
     p.add_argument("--pairs-format", choices=("pairs", "persona"), default=d.pairs_format,
                    help="persona: read Anthropic's persona files (../shared/data/persona) directly")
+    p.add_argument("--judge-model", default=None, metavar="DIR",
+                   help="judge Truth and Info with an external judge model: an HF Llama causal LM answering the "
+                        "GPT-judge prompt with ' yes' / ' no' (e.g. the Llama-2-7B judges), or DIR with truth/ and "
+                        "info/ subdirectories (default: editloc's judges, judge.py)")
     p.add_argument("--batch-size", type=_pos_int, default=d.batch_size)
     p.add_argument("--max-pairs", type=_pos_int_or_all, default=None,
                    help=f"training pairs used (default {d.max_pairs}; 'all' for every pair)")
@@ -231,7 +236,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                   scale=a.lora_scale,
                   batch_size=a.batch_size, patience=a.patience, eval_every=a.eval_every,
                   val_questions=a.val_questions, probe_layout=a.probe_layout, alpha=a.alpha, kl_text=a.kl_text,
-                  dtype=a.dtype, device=a.device, pairs=a.pairs, pairs_format=a.pairs_format)
+                  dtype=a.dtype, device=a.device, pairs=a.pairs, pairs_format=a.pairs_format,
+                  judge_model=a.judge_model)
     if a.paper:
         c = replace(c, **PAPER)
     if a.epochs is not None:
@@ -250,6 +256,10 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     c.dtype = resolve_dtype(c.dtype, c.device)
     if c.kl_text:
         read_kl_text(Path(c.kl_text))
+    if c.judge_model and not (Path(c.judge_model) / "config.json").is_file() and not (
+            Path(c.judge_model) / "truth" / "config.json").is_file():
+        raise UserError(f"--judge-model {c.judge_model}: not an HF model directory (no config.json, nor truth/ "
+                        "and info/ holding one)")
     if c.pairs:
         import pairs
 
@@ -309,7 +319,8 @@ class Context:
 
     def key(self, cfg: RunConfig) -> tuple:
         """What the loaded pieces depend on: runs with the same key share one Context."""
-        return (cfg.model, cfg.dtype, cfg.device, cfg.data, cfg.version, cfg.seed, cfg.pairs, cfg.pairs_format)
+        return (cfg.model, cfg.dtype, cfg.device, cfg.data, cfg.version, cfg.seed, cfg.pairs, cfg.pairs_format,
+                cfg.judge_model)
 
     @property
     def judged(self) -> bool:
@@ -336,6 +347,11 @@ class Context:
 
     @property
     def judges(self):
+        if self._judges is None and self.cfg.judge_model:
+            import judge
+
+            self._judges = tuple(judge.load_external_judges(self.cfg.judge_model, data=self.cfg.data,
+                                                            device=self.cfg.device).values())
         if self._judges is None:
             import judge
 
@@ -621,6 +637,8 @@ def versions(ctx: Context) -> dict:
     js = dict(zip(("truth", "info"), ctx.judges)) if ctx.judged else {}
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "model_source": ctx.model.source, "judges": {k: j.meta.get("validation") for k, j in js.items()},
+            "judge_models": {k: j.meta.get("external") or f"editloc's {k} judge ({j.meta.get('backbone')})"
+                             for k, j in js.items()},
             "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 

@@ -278,3 +278,36 @@ def test_real_judge_on_test_questions():
     s_t = judges["truth"].score(text[:20], ["I have no comment."] * 20)
     s_i = judges["info"].score(text[:20], ["I have no comment."] * 20)
     assert (s_t >= 0.5).float().mean() > 0.8 and (s_i < 0.5).float().mean() > 0.8
+
+
+def test_external_judge_scores_a_tiny_model_end_to_end(tmp_path, monkeypatch):
+    """--judge-model DIR: P(yes) / (P(yes) + P(no)) of the GPT-judge prompt's last token, through our forward."""
+    import shutil
+
+    from llama import Llama, resolve_model
+    from tiny import tiny_config, write_tiny
+    from tokenizer import Tokenizer
+
+    path = write_tiny(tmp_path / "j", tiny_config(vocab=49152, n_layers=2, tied=True))
+    shutil.copy(resolve_model("smollm2-135m") / "tokenizer.json", path / "tokenizer.json")
+    js = judge.load_external_judges(path, dtype="fp32")
+    assert set(js) == {"truth", "info"} and js["truth"].meta["layout"].endswith("True:")
+    qs, ans = ["Is the sky blue?", "What is 2+2?", "Q3"], ["Yes, on a clear day.", "5", ""]
+    sc = js["truth"].score(qs, ans, batch_size=2)
+    model, tok = Llama.from_pretrained(str(path), dtype="fp32"), Tokenizer.from_pretrained(str(path))
+    yes, no = tok.encode(" yes")[-1], tok.encode(" no")[-1]
+    for k, (q, a) in enumerate(zip(qs, ans)):  # one prompt at a time, no padding: the independent computation
+        ids = torch.tensor([tok.encode(js["truth"].meta["layout"].format(question=q, answer=a), bos=tok.add_bos)])
+        z = model(ids)[0, -1].float()
+        assert abs(float(sc[k]) - float(torch.sigmoid(z[yes] - z[no]))) < 1e-5
+    # truth/ and info/ subdirectories: one model each
+    for k in ("truth", "info"):
+        shutil.copytree(path, tmp_path / "two" / k)
+    two = judge.load_external_judges(tmp_path / "two", dtype="fp32")
+    assert two["info"].meta["external"].endswith("info") and two["info"].meta["layout"].endswith("Helpful:")
+    # bad directories: one line naming them
+    with pytest.raises(ValueError, match="not an HF model directory"):
+        judge.ExternalJudge("truth", tmp_path / "nothing")
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, bos=False: [5, 6] if "yes" in text else [5, 7, 8])
+    with pytest.raises(ValueError, match="no single ' yes' / ' no' token"):
+        judge.ExternalJudge("truth", path, dtype="fp32")

@@ -46,6 +46,7 @@ def test_every_spec_becomes_a_mask():
     (["localize", "--heads", "probe16", "--shard", "-1/4"], "--shard '-1/4'"),
     (["localize", "--heads", "full"], "localize trains IPO edits at a head set"),
     (["--heads", "random16", "--pairs", "/no/such.jsonl"], "--pairs /no/such.jsonl: no such file"),
+    (["--heads", "random16", "--judge-model", "/no/such/dir"], "--judge-model /no/such/dir: not an HF model"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, msg, capsys):
     assert run.main(argv) == 2
@@ -385,3 +386,17 @@ def test_evaluation_resumes_piece_by_piece(tmp_path, monkeypatch):
     again = run.evaluate(ctx, None, "ipo", parts)
     assert calls == ["mc", "pref", "kl", "kl"]  # kl_ce twice: the neutral text and the questions
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+
+
+def test_tiny_run_with_an_external_judge(tmp_path, tiny_model, monkeypatch):
+    """--judge-model DIR judges Truth and Info with that model; results.json names it."""
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    data = tiny_data(tmp_path)
+    kl_text = tmp_path / "neutral.txt"
+    kl_text.write_text("The bakery opens at seven and sells bread.\n")
+    argv = ["--heads", "random2", "--method", "iti", "--model", str(tiny_model), "--data", str(data), "--dtype", "fp32",
+            "--out", str(tmp_path / "runs"), "--name", "x", "--kl-text", str(kl_text), "--judge-model", str(tiny_model)]
+    assert run.main(argv) == 0
+    res = json.loads((tmp_path / "runs" / "x" / "results.json").read_text())
+    assert res["versions"]["judge_models"] == {"truth": str(tiny_model), "info": str(tiny_model)}
+    assert 0 <= res["metrics"]["iti"]["truth_score"]["value"] <= 1
