@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -132,6 +133,10 @@ def cmd_experiment(argv: list[str]) -> int:
                    help=f"equivalence margin in Truth*Info of 'as good as' (default {stats.MARGIN:g})")
     p.add_argument("--model", default=RunConfig.model)
     p.add_argument("--data", default=None)
+    p.add_argument("--pairs", default=None, metavar="FILE",
+                   help="any behaviour as preference pairs (see run.py --pairs): the measure is the held-out "
+                        "preference accuracy in Truth*Info's place")
+    p.add_argument("--pairs-format", choices=("pairs", "persona"), default="pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help=DTYPE_HELP)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -150,7 +155,12 @@ def cmd_experiment(argv: list[str]) -> int:
     size = SIZES[size_name]
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
-    base = RunConfig(model=a.model, data=a.data, seed=a.seed, dtype=resolve_dtype(a.dtype, a.device), device=a.device)
+    base = RunConfig(model=a.model, data=a.data, seed=a.seed, dtype=resolve_dtype(a.dtype, a.device), device=a.device,
+                     pairs=a.pairs, pairs_format=a.pairs_format, probe_layout="raw" if a.pairs else "paper")
+    if a.pairs:
+        import pairs
+
+        pairs.load_pairs(a.pairs, a.pairs_format, a.seed)  # a malformed file fails now, naming its line
     ctx = Context(base)
     runs = experiment_runs(a.name, base, size, (ctx.model.cfg.n_layers, ctx.model.cfg.n_heads))
     out = Path(a.out) / f"exp-{size_name}"
@@ -213,6 +223,10 @@ def table_rows(runs, res: dict) -> list[dict]:
         elif pq["qids"] != qids:
             raise UserError(f"{rname}: evaluated on other test questions than {runs[0][0]}; runs of one experiment "
                             "must share the split and --n-test")
+        if "truth" not in pq:  # a pairs file (no judges): its measure, preference accuracy, takes Truth*Info's place
+            pq = {**pq, "truth": pq["pref_acc"], "info": [1.0] * len(pq["pref_acc"]), "truth_score": pq["pref_acc"],
+                  "info_score": [1.0] * len(pq["pref_acc"])}
+            m = {**m, "truth": m["pref_acc"], "truth_info": m["pref_acc"], "info": {"value": 1.0, "ci95": [1.0, 1.0]}}
         rows.append({"run": rname, "heads": c.heads, "kind": kind(c.heads), "head": ",".join(r["heads"]),
                      "head_seed": c.head_seed, "train_seed": c.seed if c.train_seed is None else c.train_seed,
                      "primary": c.train_seed is None, "method": c.method,
@@ -354,7 +368,11 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
     d.mkdir(parents=True, exist_ok=True)
     rows = table_rows(runs, res)
     metrics = [k for k in METRICS if all(k in r for r in rows)]
-    base = next(iter(res.values()))["metrics"]["base"]
+    base = dict(next(iter(res.values()))["metrics"]["base"])
+    judged = "truth" in base
+    if not judged:  # a pairs file: preference accuracy in Truth*Info's place (table_rows)
+        base.update(truth=base["pref_acc"], truth_info=base["pref_acc"], info={"value": 1.0, "ci95": [1.0, 1.0]})
+        metrics = [k for k in metrics if k not in ("truth", "info", "truth_info")]
     n_q = rows[0]["q"].shape[0]
     lines = [f"# {name}: {EXPERIMENTS[name]}", "",
              f"{len(runs)} runs, {n_q} test questions, model `{runs[0][1].model}` in {runs[0][1].dtype} (the dtype "
@@ -506,15 +524,26 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
                   + ("It holds for every edit." if not check else
                      f"**FAILED** ({len(check)}): the full-model reference is under-trained, so no edit here may be "
                      "read as 'as good as the full model'.\n\n" + "\n".join(f"- {x}" for x in check)), ""]
-    pics = figures(name, rows, tests, d, margin, {k: base[k]["value"] for k in metrics})
+    pics = figures(name, rows, tests, d, margin, {k: v["value"] for k, v in base.items()}, judged)
     lines += [f"![{p.stem}]({p.name})" for p in pics] or ["(matplotlib is not installed: no pictures)"]
     summary_line = f"{name}: " + ("; ".join(summary) if summary else "no test applies at this size")
     write_json(d / "table.json", {"rows": [{k: v for k, v in r.items() if k != "q"} for r in rows],
                                   "base": {k: base[k]["value"] for k in metrics}, "tests": tests,
                                   "margin": margin, "full_model_check": check, "not_converged": unconverged,
                                   "summary": summary_line})
-    write_atomic(d / "report.md", "\n".join(lines + ["", "Summary: " + summary_line]) + "\n")
+    text = "\n".join(lines + ["", "Summary: " + summary_line]) + "\n"
+    write_atomic(d / "report.md", text if judged else for_pairs(text))
     return d / "report.md"
+
+
+def for_pairs(text: str) -> str:
+    """A report or figure text of an experiment on a pairs file: its measure is the held-out preference accuracy
+    where TruthfulQA's is Truth*Info (and there are no judges, so no Info)."""
+    for a, b in ((r"Truth\*Info", "preference accuracy"), (r"Truth-Info trade-off", "preference accuracy"),
+                 (r"Truth vs Info", "preference accuracy"), (r"\bTruth\b", "preference accuracy"),
+                 (r"\bInfo\b", "(no judge)")):
+        text = re.sub(a, b, text)
+    return text
 
 
 def _color(r: dict) -> str:
@@ -542,7 +571,8 @@ def _plot_curves(ax, rows, x: str, y: str, method: str | None = None, label_once
                 else 0.6, label=lab, mfc="none" if any(r["converged"] is False for r in rs) else _color(r0))
 
 
-def figures(name: str, rows: list[dict], tests: dict, d: Path, margin: float, base: dict) -> list[Path]:
+def figures(name: str, rows: list[dict], tests: dict, d: Path, margin: float, base: dict, judged: bool = True
+            ) -> list[Path]:
     """The experiment's figure as the paper draws it (one picture per figure); [] without matplotlib."""
     try:
         import matplotlib
@@ -622,6 +652,10 @@ def figures(name: str, rows: list[dict], tests: dict, d: Path, margin: float, ba
     for a in np.atleast_1d(ax):
         if a.get_legend_handles_labels()[0] and not a.get_legend():
             a.legend(fontsize=7)
+        if not judged:  # a pairs file: its measure's name on the axes
+            a.set(xlabel=for_pairs(a.get_xlabel()), ylabel=for_pairs(a.get_ylabel()), title=for_pairs(a.get_title()))
+    if not judged and fig._suptitle is not None:
+        fig.suptitle(for_pairs(fig._suptitle.get_text()))
     fig.tight_layout()
     path = d / f"fig{fig_no}.png"
     write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

@@ -138,3 +138,22 @@ def test_runs_on_other_test_questions_are_refused(tmp_path):
     res[runs[1][0]]["per_question"]["ipo"]["qids"] = list(range(1, 121))
     with pytest.raises(run.UserError, match="other test questions"):
         ex.experiment_report("mc", runs, res, tmp_path)
+
+
+@pytest.mark.parametrize("name", list(ex.EXPERIMENTS))
+def test_reports_of_a_pairs_file(name, tmp_path):
+    """On a pairs file (no judges) the measure is the held-out preference accuracy, named so in text and figures."""
+    pytest.importorskip("matplotlib")
+    runs = ex.experiment_runs(name, run.RunConfig(pairs="p.jsonl", probe_layout="raw"), ex.SIZES["default"])
+    res = fabricate(runs, boost={"probe16": 0.3})
+    for r in res.values():
+        for part in ("metrics", "per_question"):
+            for label, d in r[part].items():
+                if "truth" in d:
+                    d["pref_acc"], d["pref_margin"] = d.pop("truth"), d["mc2"]
+                for k in ("info", "truth_info", "truth_score", "info_score"):
+                    d.pop(k, None)
+    text = ex.experiment_report(name, runs, res, tmp_path).read_text()
+    assert "preference accuracy" in text and "Truth*Info" not in text and "pref_acc" in text
+    if name in ("iti-localized-vs-random", "ipo-random"):
+        assert json.loads((tmp_path / "table.json").read_text())["tests"]["better_truth_info"]["permutation"]["p"] < 0.01
