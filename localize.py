@@ -250,7 +250,9 @@ def cmd_localize(argv: list[str]) -> int:
     nulls = null_sets(cand, a.null, a.n, c.n_layers, c.n_heads, base.seed)
     runs = localize_runs(base, cand, nulls, a.null)
     tag = re.sub(r"[^A-Za-z0-9.+-]", "", spec.replace(",", "+"))[:40]
-    out = Path(a.out) / f"localize-{tag}-{a.null}-s{base.seed}"
+    model_tag = "" if base.model == RunConfig.model else "-" + re.sub(r"[^A-Za-z0-9._-]", "", Path(base.model).name)[:40]
+    pairs_tag = "" if not base.pairs else "-" + re.sub(r"[^A-Za-z0-9._-]", "", Path(base.pairs).stem)[:40]
+    out = Path(a.out) / f"localize-{tag}-{a.null}-s{base.seed}{pairs_tag}{model_tag}"
     mine = [r for k_, r in enumerate(runs) if k_ % sn == si]
     log(f"localize {spec} ({len(cand)} heads: {head_str(cand)}) against {len(nulls)} {a.null} null set(s) and the full "
         f"model: {len(runs)} edits, shard {si}/{sn} does {len(mine)}")

@@ -107,7 +107,10 @@ class RunConfig:
         hs = f"-h{self.head_seed}" if self.heads.startswith("random") else ""
         t = f"-t{self.tau:g}" if self.method != "iti" else ""
         r = f"-r{self.train_seed}" if self.train_seed is not None and self.method != "iti" else ""
-        return f"{self.method}-{h}{hs}-s{self.seed}{r}{t}"
+        tag = lambda p: "-" + re.sub(r"[^A-Za-z0-9._-]", "", p)[:40]  # other data, another model: another name
+        m = "" if self.model == RunConfig.model else tag(Path(self.model).name)
+        pf = "" if not self.pairs else tag(Path(self.pairs).stem)
+        return f"{self.method}-{h}{hs}-s{self.seed}{r}{t}{pf}{m}"
 
     def training_dict(self) -> dict:
         """The settings that change what a run computes (not where it writes)."""
@@ -248,6 +251,9 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         c.n_test = None if a.n_test == "all" else a.n_test
     if not re.fullmatch(r"(probe|random)\d+|all|full|single:\d+\.\d+|\d+\.\d+(,\d+\.\d+)*", c.heads):
         raise UserError(f"--heads {a.heads!r}: expected probeK, randomK, all, full, single:L.H or L.H,L.H,...")
+    if (os.sep in c.model or c.model.endswith(".gguf")) and not Path(c.model).exists():
+        raise UserError(f"--model {c.model}: no such file or directory; expected a model name ({RunConfig.model}), "
+                        "an HF model directory or a .gguf file")
     if c.full_model and c.method != "ipo":
         raise UserError("--heads full is the plain LoRA on every layer: use it with --method ipo")
     if c.device == "cuda" and not torch.cuda.is_available():
