@@ -3,6 +3,7 @@ random backbone, the CLI's errors, and the real judge on TruthfulQA (trained onc
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -211,10 +212,21 @@ def test_training_resumes_after_interrupts(tiny, tmp_path, monkeypatch, capsys):
     work = next((tmp_path / "cache" / "judges").glob(".partial-*"))
     assert len(list((work / "frozen").glob("part-*"))) == 3 and "frozen pass over" in llama.interrupted_message()
     monkeypatch.setattr(judge, "_save_frozen_part", real)
-    real = interrupt_after("_save_fit", 30)  # in the first hold-out fit of one kind
+    real, seen = judge._save_fit, {"truth": 0, "info": 0}
+
+    def save_then_interrupt(path, state, what):  # Ctrl-C in truth's first fit once info's fit has saved too
+        real(path, state, what)
+        kind = Path(path).name.split("-")[0]
+        seen[kind] += 1
+        if kind == "truth" and seen["truth"] == 3:
+            deadline = time.time() + 30  # the threads run unevenly: wait for the other kind to be mid-fit
+            while seen["info"] < 1 and time.time() < deadline:
+                time.sleep(0.005)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(judge, "_save_fit", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         train("resumed")
-    assert len(list(work.glob("*.pt"))) == 2  # both kinds' fits saved their state when stopped
+    assert len(list(work.glob("*.pt"))) == 2, sorted(p.name for p in work.iterdir())  # both kinds' fits saved their state when stopped
     assert "judge truth: fit" in llama.interrupted_message() and "judge info: fit" in llama.interrupted_message()
     monkeypatch.setattr(judge, "_save_fit", real)
     capsys.readouterr()
