@@ -129,6 +129,9 @@ def cmd_experiment(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the whole experiment)")
     p.add_argument("--paper", action="store_true", help="the paper's sizes (for a GPU or a SLURM array)")
     p.add_argument("--shard", default="0/1", help="i/n: do only the runs with index %% n == i (default 0/1)")
+    p.add_argument("--partial", action="store_true",
+                   help="do no runs; draw the report from the runs finished so far (marked PARTIAL, the missing "
+                        "runs named)")
     p.add_argument("--margin", type=float, default=stats.MARGIN,
                    help=f"equivalence margin in Truth*Info of 'as good as' (default {stats.MARGIN:g})")
     p.add_argument("--model", default=RunConfig.model)
@@ -164,17 +167,20 @@ def cmd_experiment(argv: list[str]) -> int:
     ctx = Context(base)
     runs = experiment_runs(a.name, base, size, (ctx.model.cfg.n_layers, ctx.model.cfg.n_heads))
     out = Path(a.out) / f"exp-{size_name}"
-    mine = [r for k, r in enumerate(runs) if k % n == i]
+    mine = [] if a.partial else [r for k, r in enumerate(runs) if k % n == i]
     log(f"experiment {a.name} ({size_name}): {len(runs)} runs, shard {i}/{n} does {len(mine)}")
     for k, (rname, c) in enumerate(mine):
         log(f"--- run {k + 1}/{len(mine)}: {rname}")
         run(c, out, rname, ctx)
     finished = {r: json.loads((out / r / "results.json").read_text())
                 for r, _ in runs if (out / r / "results.json").exists()}
-    if len(finished) < len(runs):
-        log(f"{len(finished)}/{len(runs)} runs finished; the figure is drawn once every shard is done")
+    missing = [r for r, _ in runs if r not in finished]
+    if missing and not (a.partial and finished):
+        log(f"{len(finished)}/{len(runs)} runs finished; the figure is drawn once every shard is done "
+            "(--partial draws it from the finished ones)")
         return 0
-    path = experiment_report(a.name, runs, finished, out / a.name, margin=a.margin)
+    path = experiment_report(a.name, [(r, c) for r, c in runs if r in finished], finished, out / a.name,
+                             margin=a.margin, missing=missing)
     log(f"experiment {a.name}: {path}")
     table = json.loads((path.parent / "table.json").read_text())
     log(table["summary"])
@@ -362,7 +368,7 @@ def _equiv_table(tests: list[dict], margin: float) -> list[str]:
     return out
 
 
-def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats.MARGIN) -> Path:
+def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats.MARGIN, missing=()) -> Path:
     """The report of one experiment from its finished runs: every edit's row (convergence, figures), the tests
     the figure's claim needs, the full-model check, and the figure(s) (with matplotlib)."""
     d.mkdir(parents=True, exist_ok=True)
@@ -374,7 +380,9 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
         base.update(truth=base["pref_acc"], truth_info=base["pref_acc"], info={"value": 1.0, "ci95": [1.0, 1.0]})
         metrics = [k for k in metrics if k not in ("truth", "info", "truth_info")]
     n_q = rows[0]["q"].shape[0]
-    lines = [f"# {name}: {EXPERIMENTS[name]}", "",
+    lines = [f"# {name}: {EXPERIMENTS[name]}", ""] + ([
+        f"**PARTIAL**: drawn from the {len(runs)} runs finished so far; {len(missing)} not yet: {', '.join(missing)}.",
+        ""] if missing else []) + [
              f"{len(runs)} runs, {n_q} test questions, model `{runs[0][1].model}` in {runs[0][1].dtype} (the dtype "
              "changes the numbers slightly). Probe examples (for probe16 and the probe accuracies): "
              f"{PROBE_LAYOUT_TEXT[runs[0][1].probe_layout]}, read at the last token. Every IPO edit: the learning "
@@ -526,7 +534,8 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
                      "read as 'as good as the full model'.\n\n" + "\n".join(f"- {x}" for x in check)), ""]
     pics = figures(name, rows, tests, d, margin, {k: v["value"] for k, v in base.items()}, judged)
     lines += [f"![{p.stem}]({p.name})" for p in pics] or ["(matplotlib is not installed: no pictures)"]
-    summary_line = f"{name}: " + ("; ".join(summary) if summary else "no test applies at this size")
+    summary_line = (f"{name}: " + ("PARTIAL (" + f"{len(runs)} of {len(runs) + len(missing)} runs); " if missing else "")
+                    + ("; ".join(summary) if summary else "no test applies at this size"))
     write_json(d / "table.json", {"rows": [{k: v for k, v in r.items() if k != "q"} for r in rows],
                                   "base": {k: base[k]["value"] for k in metrics}, "tests": tests,
                                   "margin": margin, "full_model_check": check, "not_converged": unconverged,

@@ -157,3 +157,12 @@ def test_reports_of_a_pairs_file(name, tmp_path):
     assert "preference accuracy" in text and "Truth*Info" not in text and "pref_acc" in text
     if name in ("iti-localized-vs-random", "ipo-random"):
         assert json.loads((tmp_path / "table.json").read_text())["tests"]["better_truth_info"]["permutation"]["p"] < 0.01
+
+
+def test_partial_report_names_the_missing_runs(tmp_path):
+    runs = ex.experiment_runs("ipo-random", run.RunConfig(), ex.SIZES["default"])
+    res = fabricate(runs)
+    have = [(r, c) for r, c in runs if "-r1-" not in r]  # the seed runs not yet done
+    text = ex.experiment_report("ipo-random", have, res, tmp_path, missing=[r for r, _ in runs if "-r1-" in r]).read_text()
+    assert "**PARTIAL**" in text and "ipo-full-s0-r1-t0.1" in text and "No edit here was trained with several seeds" in text
+    assert json.loads((tmp_path / "table.json").read_text())["summary"].startswith("ipo-random: PARTIAL (6 of 8 runs)")
