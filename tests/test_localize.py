@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import localize as lz
 import run
@@ -28,23 +27,30 @@ def test_null_sets():
         lz.null_sets([(l, h) for l in range(2) for h in range(2)], "complement", 1, 2, 2)
 
 
+def plant(path, planted):
+    """Zero the o_proj columns of every head of the tiny checkpoint at `path` but the `planted` ones."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((path / "config.json").read_text())
+    M, H, D = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_dim"]
+    w = load_file(str(path / "model.safetensors"))
+    for l in range(cfg["num_hidden_layers"]):
+        o = w[f"model.layers.{l}.self_attn.o_proj.weight"].view(M, H, D)  # W^l viewed per head: [M, H, D]
+        for h in range(H):
+            if (l, h) not in planted:
+                o[:, h] = 0
+    save_file(w, str(path / "model.safetensors"))
+
+
 def test_grad_heads_finds_planted_heads(tmp_path):
     """Heads whose o_proj columns are zero cannot move the output: their b_h gets no gradient, so gradK picks
     exactly the heads left intact."""
-    from safetensors.torch import load_file, save_file
-
     from llama import Llama
     import truthfulqa
 
     path = write_tiny(tmp_path / "m", tiny_config(vocab=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8))
-    w = load_file(str(path / "model.safetensors"))
     planted = [(0, 2), (2, 1)]
-    for l in range(3):
-        o = w[f"model.layers.{l}.self_attn.o_proj.weight"].view(24, 4, 8)
-        for h in range(4):
-            if (l, h) not in planted:
-                o[:, h] = 0
-    save_file(w, str(path / "model.safetensors"))
+    plant(path, planted)
     model = Llama.from_pretrained(str(path), dtype="fp32")
     pairs = [truthfulqa.Pair(i, f"Q{i} is", " yes", " no") for i in range(6)]
     heads, score = lz.grad_heads(model, CharTokenizer(), pairs, lambda q: q, k=2, seed=0)
@@ -97,20 +103,12 @@ def _tiny(tmp_path, planted=None):
     columns are left non-zero, so edits elsewhere in the heads cannot move the output."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     from llama import resolve_model
 
     path = write_tiny(tmp_path / "tiny", tiny_config(vocab=49152, n_layers=2, tied=True))
     shutil.copy(resolve_model("smollm2-135m") / "tokenizer.json", path / "tokenizer.json")
     if planted:
-        w = load_file(str(path / "model.safetensors"))
-        for l in range(2):
-            o = w[f"model.layers.{l}.self_attn.o_proj.weight"].view(24, 4, 8)
-            for h in range(4):
-                if (l, h) not in planted:
-                    o[:, h] = 0
-        save_file(w, str(path / "model.safetensors"))
+        plant(path, planted)
     return path
 
 
