@@ -10,7 +10,6 @@ import pytest
 
 import experiments as ex
 import run
-import stats
 
 
 def fabricate(runs, boost: dict | None = None, n: int = 120, seed: int = 0, val: dict | None = None) -> dict:

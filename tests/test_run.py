@@ -282,7 +282,7 @@ def test_damaged_model_files_are_one_line(tmp_path, tiny_model, no_model_work, m
         one_line_error(argv, capsys, "config.json", msg)
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"not a gguf file")
-    err = one_line_error([*argv[:2], "--model", str(fake), *argv[4:]], capsys, "model.gguf", "not a GGUF file")
+    one_line_error([*argv[:2], "--model", str(fake), *argv[4:]], capsys, "model.gguf", "not a GGUF file")
     assert not (tmp_path / "r").exists()
 
 
