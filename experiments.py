@@ -197,7 +197,9 @@ def cmd_experiment(argv: list[str]) -> int:
 # The report: rows, tests, figures
 
 FULL_BOUND_TOL = 0.01  # relative slack of the full-model check (validation losses of stopped, not exact, optima)
-CHANNELS = ("truth", "info", "mc1", "mc2", "truth_score", "info_score")  # per-question values the tests resample
+CHANNELS = ("truth", "info", "mc1", "mc2", "truth_score", "info_score", "pref_acc")  # per-question values the
+# tests resample (pref_acc: NaN for runs evaluated before it existed)
+JUDGE_FREE = ("mc2", "pref_acc")  # the measures that need no judge
 TI, TI_SCORE = [0, 1], [4, 5]  # Truth*Info from the judges' verdicts (>= 0.5), and from their mean scores
 N_PERM = 10_000
 
@@ -218,7 +220,7 @@ def full_model_check(rows: list[dict]) -> list[str]:
 
 
 def table_rows(runs, res: dict) -> list[dict]:
-    """One row per run: its settings, convergence record, figures and per-question values q [N, 6] (CHANNELS)."""
+    """One row per run: its settings, convergence record, figures and per-question values q [N, 7] (CHANNELS)."""
     rows, qids = [], None
     for rname, c in runs:
         r = res[rname]
@@ -242,7 +244,8 @@ def table_rows(runs, res: dict) -> list[dict]:
                      **{k: m[k]["value"] for k in METRICS if k in m}, "ci": {k: m[k]["ci95"] for k in METRICS if k in m},
                      "probe_acc": float(np.mean(list(r["probe_acc_of_heads"].values())))
                      if r["probe_acc_of_heads"] else None,
-                     "q": np.array([pq[k] for k in CHANNELS], dtype=np.float64).T})  # [N, 6]
+                     "q": np.array([pq.get(k, [np.nan] * len(pq["qids"])) for k in CHANNELS],
+                                   dtype=np.float64).T})  # [N, 7]
     return rows
 
 
@@ -282,14 +285,15 @@ def _mean_over_seeds(rows, e: tuple, knob) -> tuple[np.ndarray, int]:
     return np.mean(qs, 0), len(qs)
 
 
-def equivalence(rows, e: tuple, ref: tuple, knob, margin: float, seed_var: float, cols=TI) -> dict:
-    """TOST of Truth*Info of edit e against the reference edit at the same knob: paired bootstrap over questions
-    of the difference (each side averaged over its seeds), its variance plus the training-seed variance of the
-    two means (seed_var / k_e + seed_var / k_ref)."""
+def equivalence(rows, e: tuple, ref: tuple, knob, margin: float, seed_var: float, cols=TI,
+                stat=stats.truth_info) -> dict:
+    """TOST of Truth*Info (or `stat` of the columns `cols`) of edit e against the reference edit at the same
+    knob: paired bootstrap over questions of the difference (each side averaged over its seeds), its variance
+    plus the training-seed variance of the two means (seed_var / k_e + seed_var / k_ref)."""
     a, ka = _mean_over_seeds(rows, e, knob)
     b, kb = _mean_over_seeds(rows, ref, knob)
-    diff = float(stats.truth_info(a[:, cols]) - stats.truth_info(b[:, cols]))
-    se_q = stats.bootstrap_se(a[:, cols], b[:, cols])
+    diff = float(stat(a[:, cols]) - stat(b[:, cols]))
+    se_q = stats.bootstrap_se(a[:, cols], b[:, cols], stat)
     se = float(np.sqrt(se_q ** 2 + seed_var * (1 / ka + 1 / kb)))
     return {**stats.tost(diff, se, margin), "se_questions": se_q, "seeds": [ka, kb], "knob": knob}
 
@@ -407,6 +411,7 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
     # seed variance of the key edits (the same edit and tau, several training seeds)
     groups = _seed_groups(rows)
     seed_var, seed_df = stats.seed_variance(groups)
+    seed_vars = {k: stats.seed_variance(_seed_groups(rows, k))[0] for k in JUDGE_FREE if all(k in r for r in rows)}
     tests: dict = {"seed_variance": {"var": seed_var, "df": seed_df, "groups": groups}}
     if groups:
         lines += ["## Seed variance", "", "Truth*Info of the edits trained with several seeds (same split, test "
@@ -491,14 +496,38 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
                     if k in knobs(ref):
                         t = equivalence(rows, e, ref, k, margin, seed_var)
                         t["on_scores"] = equivalence(rows, e, ref, k, margin, seed_var, TI_SCORE)
+                        for key in JUDGE_FREE:  # the same question without the judges
+                            c = [CHANNELS.index(key)]
+                            if not np.isnan(_mean_over_seeds(rows, e, k)[0][:, c]).any():
+                                t[key] = equivalence(rows, e, ref, k, margin, seed_vars.get(key, 0.0), c, stats.mean_of)
                         eq.append({**t, "edit": _label(next(r for r in prim if _edit(r) == e)),
                                    "ref": _label(next(r for r in prim if _edit(r) == ref)), "at": f"tau {k:g}",
                                    "edit_key": list(e), "ref_key": list(ref)})
         for t, p, ps in zip(eq, stats.holm([t["p"] for t in eq]), stats.holm([t["on_scores"]["p"] for t in eq])):
             t["p_holm"], t["on_scores"]["p_holm"] = p, ps
+        for key in JUDGE_FREE:
+            tk = [t for t in eq if key in t]
+            for t, p in zip(tk, stats.holm([t[key]["p"] for t in tk])):
+                t[key]["p_holm"] = p
         tests["equivalence"] = eq
         if eq:
             lines += [f"## As good as? (equivalence within {margin:g} Truth*Info)", ""] + _equiv_table(eq, margin)
+            jf = [t for t in eq if all(k in t for k in JUDGE_FREE)]
+            if jf:
+                lines += [f"Without the judges: TOST within {margin:g} on MC2 and on the held-out preference "
+                          "accuracy (`pref_acc`), the same way (Holm within each measure):", "",
+                          "| edit | vs | at | MC2 difference | 90% interval | as good as? | pref_acc difference | "
+                          "90% interval | as good as? |", "|---" * 9 + "|"]
+                for t in jf:
+                    lines.append(f"| {t['edit']} | {t['ref']} | {t['at']} | " + " | ".join(
+                        f"{t[k]['diff']:+.3f} | [{t[k]['ci90'][0]:+.3f}, {t[k]['ci90'][1]:+.3f}] | "
+                        + ("**yes**" if t[k]["p_holm"] < 0.05 else "not shown") for k in JUDGE_FREE) + " |")
+                lines.append("")
+                for ref in dict.fromkeys(t["ref"] for t in jf):
+                    tt = [t for t in jf if t["ref"] == ref]
+                    summary.append("judge-free: " + ", ".join(
+                        f"{sum(t[k]['p_holm'] < 0.05 for t in tt)}/{len(tt)} as good as {ref} on {k}"
+                        for k in JUDGE_FREE))
             for ref in dict.fromkeys(t["ref"] for t in eq):
                 tt = [t for t in eq if t["ref"] == ref]
                 k, ks_ = sum(t["p_holm"] < 0.05 for t in tt), sum(t["on_scores"]["p_holm"] < 0.05 for t in tt)

@@ -26,7 +26,7 @@ def fabricate(runs, boost: dict | None = None, n: int = 120, seed: int = 0, val:
         ts, is_ = np.clip(t * 0.8 + rng.random(n) * 0.2, 0, 1), np.clip(i * 0.8 + rng.random(n) * 0.2, 0, 1)
         knob = c.alpha if c.method == "iti" else c.tau
         kl = 0.02 * knob * (2 if c.heads == "probe16" else 1) + 0.01 * rng.random()
-        m = {"truth": t.mean(), "info": i.mean(), "truth_info": t.mean() * i.mean(), "mc1": mc1.mean(),
+        m = {"truth": t.mean(), "info": i.mean(), "truth_info": t.mean() * i.mean(), "mc1": mc1.mean(), "pref_acc": mc1.mean(),
              "mc2": mc2.mean(), "mc3": mc2.mean(), "kl": kl, "ce": 3.0, "kl_qa": kl, "ce_qa": 3.0}
         label = "iti" if c.method == "iti" else "ipo"
         heads = [c.heads[7:]] if c.heads.startswith("single:") else ["1.2", "3.4"]
@@ -36,7 +36,8 @@ def fabricate(runs, boost: dict | None = None, n: int = 120, seed: int = 0, val:
                                                           for k, v in m.items()}},
                       "per_question": {label: {"qids": list(range(n)), "truth": t.tolist(), "info": i.tolist(),
                                                "mc1": mc1.tolist(), "mc2": mc2.tolist(),
-                                               "truth_score": ts.tolist(), "info_score": is_.tolist()}},
+                                               "truth_score": ts.tolist(), "info_score": is_.tolist(),
+                                               "pref_acc": mc1.tolist()}},
                       "heads": heads, "ipo": ipo if label == "ipo" else None,
                       "probe_acc_of_heads": {} if c.heads == "full" else {h: 0.6 for h in heads}}
     return res
@@ -89,6 +90,8 @@ def test_every_report_and_figure_from_fabricated_results(name, tmp_path):
         assert t["matched_cost"]["targets"] and "At equal off-target cost" in text
     if name in ("ipo-vs-iti", "ipo-random", "single-heads"):
         assert t["equivalence"] and "As good as?" in text and all("p_holm" in e for e in t["equivalence"])
+        assert "Without the judges" in text and all("p_holm" in e["mc2"] and "p_holm" in e["pref_acc"]
+                                                    for e in t["equivalence"])
         assert t["seed_variance"]["df"] >= 2 and "## Seed variance" in text
         assert "## Full-model check" in text and "It holds for every edit." in text
     if name == "ipo-vs-iti":
