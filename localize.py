@@ -24,6 +24,7 @@ import random
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ def localize_runs(base: RunConfig, cand: list[tuple[int, int]], nulls: list[list
             + [("full", replace(b, heads="full"))])
 
 
-def _measure(res: dict) -> tuple[str, list[int], callable]:
+def _measure(res: dict) -> tuple[str, list[str], Callable]:
     """The verdict's measure: Truth*Info where the judges scored the run (TruthfulQA), else preference accuracy."""
     pq = res["per_question"]["ipo"]
     if "truth" in pq:

@@ -15,11 +15,13 @@ Values are arrays over questions; Truth*Info is the product of the mean Truth an
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Callable
 
 import numpy as np
 
 MARGIN = 0.05  # the default equivalence margin, in Truth*Info
+N01 = NormalDist()  # the standard normal (stdlib)
 
 
 def truth_info(x: np.ndarray) -> np.ndarray:
@@ -115,10 +117,6 @@ def t_test(d) -> dict:
     return {"t": t, "df": n - 1, "p": t_sf(t, n - 1), "n": n, "mean": float(d.mean())}
 
 
-def normal_sf(z: float) -> float:
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 def bootstrap_se(a: np.ndarray, b: np.ndarray | None, stat: Callable = truth_info, n_boot: int = 2000,
                  seed: int = 0) -> float:
     """The paired-bootstrap standard error of stat(a) - stat(b), resampling questions jointly. a, b: [N, C]."""
@@ -137,19 +135,10 @@ def tost(diff: float, se: float, margin: float = MARGIN, level: float = 0.05) ->
     if se <= 0:
         p = 0.0 if abs(diff) < margin else 1.0
     else:
-        p = max(normal_sf((diff + margin) / se), normal_sf((margin - diff) / se))
-    z = 1.6448536269514722  # the 95% one-sided normal quantile (level 0.05)
-    zq = z if level == 0.05 else _normal_quantile(1 - level)
+        p = max(1 - N01.cdf((diff + margin) / se), 1 - N01.cdf((margin - diff) / se))
+    z = N01.inv_cdf(1 - level)  # 1.645 at level 0.05: the (1 - 2 level) interval
     return {"diff": diff, "se": se, "margin": margin, "p": p, "equivalent": p < level,
-            "ci90": [diff - zq * se, diff + zq * se], "min_margin": abs(diff) + zq * se}
-
-
-def _normal_quantile(q: float) -> float:
-    lo, hi = -10.0, 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if 1 - normal_sf(mid) < q else (lo, mid)
-    return (lo + hi) / 2
+            "ci90": [diff - z * se, diff + z * se], "min_margin": abs(diff) + z * se}
 
 
 def holm(p) -> list[float]:
