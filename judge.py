@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import threading
@@ -62,7 +63,7 @@ BACKBONE = "smollm2-135m"
 # label smoothing 0.1 among them) gave 0.870-0.881, and averaging the probabilities of any 2-4 of them
 # 0.880-0.888, at 2-4 times the training time. The zero-shot backbone is at chance.
 RECIPE = {"k": 18, "top": 30, "epochs": 3, "lr": 1e-3, "lr_readout": 1e-3, "batch": 32, "weight_decay": 0.01,
-          "holdout": 0.1, "backbone_dtype": "auto"}  # auto: llama.fast_dtype(), recorded in the metadata
+          "holdout": 0.1, "backbone_dtype": "auto", "references": True}  # auto: llama.fast_dtype(), recorded in the metadata
 
 
 def _log(msg: str) -> None:
@@ -81,29 +82,39 @@ class JudgeData:
     stats: dict  # lines, unique, duplicates, conflicts, ties_dropped, yes
 
 
+def normalise(answer: str) -> str:
+    """The form near-duplicates share: lower case, punctuation and runs of spaces folded into one space."""
+    return " ".join(re.sub(r"[^\w\s]", " ", answer.lower()).split())
+
+
 def judge_data(kind: str, data=None, version: str = "v0") -> JudgeData:
-    """The lines of finetune_{kind}.jsonl with duplicate (question, answer) lines merged: the label is the
-    majority of the duplicates' labels; the few exact ties carry no label and are dropped (counted)."""
+    """The lines of finetune_{kind}.jsonl with near-duplicate lines merged: lines of one question whose answers
+    are equal after `normalise` (case, punctuation, spacing) are one line, so a hold-out never has a copy of its
+    line on the other side. The label is the majority of the merged lines' labels; the few exact ties carry no
+    label and are dropped (counted); the answer kept is the first one seen."""
     from truthfulqa import load_judge_lines
 
     lines = load_judge_lines(data, kind, version)
     if not lines:
         raise ValueError(f"finetune_{kind}.jsonl: no lines")
     votes: dict[tuple[str, str], list[int]] = defaultdict(list)
+    first: dict[tuple[str, str], str] = {}
     for q, a, y in lines:
-        votes[(q, a)].append(y)
+        votes[(q, normalise(a))].append(y)
+        first.setdefault((q, normalise(a)), a)
     qs, ans, ys = [], [], []
     conflicts = ties = 0
-    for (q, a), v in votes.items():
+    for key, v in votes.items():
         if len(set(v)) > 1:
             conflicts += 1
         if 2 * sum(v) == len(v):
             ties += 1
             continue
-        qs.append(q), ans.append(a), ys.append(int(2 * sum(v) > len(v)))
-    stats = {"lines": len(lines), "unique": len(votes), "duplicates": len(lines) - len(votes),
-             "conflicts": conflicts, "ties_dropped": ties, "used": len(ys), "yes": sum(ys),
-             "questions": len(set(qs))}
+        qs.append(key[0]), ans.append(first[key]), ys.append(int(2 * sum(v) > len(v)))
+    exact = len(set((q, a) for q, a, _ in lines))
+    stats = {"lines": len(lines), "unique": exact, "duplicates": len(lines) - exact,
+             "near_duplicates": exact - len(votes), "merged": len(votes), "conflicts": conflicts,
+             "ties_dropped": ties, "used": len(ys), "yes": sum(ys), "questions": len(set(qs))}
     return JudgeData(qs, ans, ys, stats)
 
 
@@ -128,10 +139,46 @@ def judge_layout(kind: str, data=None) -> str:
     return prompts.judge_truth_layout if kind == "truth" else prompts.judge_info_layout
 
 
+# What our judges read before the GPT-judge prompt: the question's reference answers, the CSV's Correct and
+# Incorrect Answers joined by "; " as the CSV writes them. The references are part of the benchmark for every
+# question (its similarity metrics read them too), as GPT-judge's training lines covered all 817 questions.
+REFERENCES = "Correct answers: {correct}\nIncorrect answers: {incorrect}\n"
+
+
+def reading_layout(kind: str, data=None) -> str:
+    """The input of our judges: REFERENCES (when the recipe reads them) + the GPT-judge prompt."""
+    return (REFERENCES if RECIPE["references"] else "") + judge_layout(kind, data)
+
+
+def references(data=None, version: str = "v0") -> dict[str, dict[str, str]]:
+    """question -> {"correct": "a; b", "incorrect": "c; d"}: each question's reference answers."""
+    from truthfulqa import load_questions
+
+    return {q.question: {"correct": "; ".join(q.correct), "incorrect": "; ".join(q.incorrect)}
+            for q in load_questions(data, version)}
+
+
+def refs_sha256(refs: dict | None) -> str | None:
+    """A checksum of the reference answers a judge read (None: it read none)."""
+    return None if refs is None else hashlib.sha256(json.dumps(refs, sort_keys=True).encode()).hexdigest()
+
+
+def head_text(head: str, question: str, refs: dict | None) -> str:
+    """The question part of a judge input: `head` (see split_layout) filled with the question and, when the
+    layout reads them, its reference answers."""
+    if "{correct}" not in head and "{incorrect}" not in head:
+        return head.format(question=question)
+    if refs is None or question not in refs:
+        raise ValueError(f"judge: no reference answers for the question {question!r}; the judge reads each "
+                         "TruthfulQA question's references (score TruthfulQA questions, or use --judge-model)")
+    return head.format(question=question, **refs[question])
+
+
 def split_layout(layout: str) -> tuple[str, str]:
     """(head, tail) with head.format(question=q) + tail.format(answer=a) == layout.format(question=q, answer=a).
-    The head ("Q: {question}\\nA:") is shared by every answer to a question; splitting before the answer's
-    leading space tokenises as the whole string does (checked on every line of finetune_*.jsonl)."""
+    The head ("Q: {question}\\nA:", after the references when the layout reads them) is shared by every answer to
+    a question; splitting before the answer's leading space tokenises as the whole string does (checked on every
+    line of finetune_*.jsonl)."""
     if layout.count("{answer}") != 1 or layout.count("{question}") != 1 or layout.index("{question}") > layout.index("{answer}"):
         raise ValueError(f"judge layout {layout!r}: expected '...{{question}}...{{answer}}...'")
     head, tail = layout.split("{answer}")
@@ -152,15 +199,21 @@ class Features:
     pos: torch.Tensor
 
 
+WINDOW = 64  # questions whose lines the frozen pass batches together (and saves at once)
+
+
 @torch.inference_mode()
 def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str], layouts: dict[str, str], k: int,
-                top: int, batch_size: int = 32, progress: bool = True, save_dir: Path | None = None
-                ) -> dict[str, Features]:
+                top: int, batch_tokens: int = 2048, progress: bool = True, save_dir: Path | None = None,
+                refs: dict | None = None, window: int | None = None) -> dict[str, Features]:
     """Run the frozen layers 0..top-1 once over every line, for one or both judge kinds at once.
 
-    `layouts`: kind -> judge input layout (see `judge_layout`).
-    Lines are grouped by question: "Q: {q}\\nA:" is run once and its keys/values are the `past` of all its
-    answers. Each row then holds the answer tokens the kinds share (" {a}\\n") followed by each kind's own
+    `layouts`: kind -> judge input layout (see `reading_layout`); `refs`: the reference answers the layout reads
+    (see `references`).
+    Lines are grouped by question: its part ("Q: {q}\\nA:", after the references) is run once and its
+    keys/values are the `past` of all its answers. The lines of a window of `window` questions are sorted by
+    length and batched across questions (about `batch_tokens` tokens a batch; each row attends to its own
+    question's part), which keeps padding small. Each row holds the answer tokens the kinds share (" {a}\\n") followed by each kind's own
     suffix ("True:", "Helpful:"); a custom attention mask keeps every suffix blind to the other kinds'
     suffixes, and each suffix continues at the same positions, so each kind sees exactly its own input
     "Q: {q}\\nA: {a}\\nTrue:" (resp. "Helpful:") while the shared tokens are computed once.
@@ -168,13 +221,14 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
     With `save_dir` (one directory per set of inputs), what is done is saved there about every
     llama.SAVE_EVERY_S seconds (part-0000.safetensors, ..., whole questions at a time), and a pass interrupted
     midway goes on from it when called again."""
-    kinds = tuple(layouts)
+    kinds, window = tuple(layouts), window or WINDOW
     heads, tails = zip(*(split_layout(layouts[kind]) for kind in kinds))
     if len(set(heads)) != 1:
         raise ValueError(f"judge layouts {heads}: the kinds must share the question part")
     groups: dict[str, list[int]] = defaultdict(list)
     for i, q in enumerate(questions):
         groups[q].append(i)
+    texts = {q: head_text(heads[0], q, refs) for q in groups}  # a question without references fails here, first
     G, N, M = len(kinds), len(questions), model.cfg.d_model
     chunks: list[torch.Tensor] = []  # pieces of the store, each [T, n, 2, Kh, D]
     ctx = [[None] * N for _ in kinds]
@@ -182,52 +236,54 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
     pos = torch.zeros(G, N, dtype=torch.long)
     skip = _load_frozen_parts(save_dir, chunks, ctx, x, pos) if save_dir is not None else 0  # questions done
     n_tok = sum(len(c) for c in chunks)
-    done = sum(len(rows) for rows in list(groups.values())[:skip])
+    qs = list(groups)
+    done = sum(len(groups[q]) for q in qs[:skip])
     if skip and progress:
         _log(f"judge {'+'.join(kinds)}: frozen pass resuming with {done} of {N} lines saved by an interrupted run")
     meter = Progress(N - done, f"judge {'+'.join(kinds)}: frozen pass (layers 0..{top - 1})",
                      unit="lines") if progress else None
     saved, new_lines, new_chunks = time.time(), [], len(chunks)  # the last save; lines and chunks since
-    for g_i, (q, rows) in enumerate(groups.items()):
-        if g_i < skip:
-            continue
-        if save_dir is not None and new_lines and time.time() - saved >= llama.SAVE_EVERY_S:
-            _save_frozen_part(save_dir, g_i, n_tok, chunks[new_chunks:], new_lines, ctx, x, pos)
-            done += len(new_lines)
-            note_kept("judges-frozen", f"the judges' frozen pass over {done} of {N} lines (in {save_dir})")
-            saved, new_lines, new_chunks = time.time(), [], len(chunks)
-        q_ids = tokenizer.encode(heads[0].format(question=q))
-        P = len(q_ids)
-        _, past = model(torch.tensor([q_ids]), output="kv", last_only=True)  # per layer (k, v): [1, Kh, P, D]
-        chunks.append(torch.stack([torch.stack(past[l], dim=1)[0] for l in range(k, top)]).permute(3, 0, 1, 2, 4))
-        q_idx = torch.arange(n_tok, n_tok + P)  # the question part: context of every line of this question
-        n_tok += P
-        for s in range(0, len(rows), batch_size):
-            part = rows[s:s + batch_size]
+    # Questions are taken a window at a time; within a window the lines of all its questions are sorted by
+    # length and batched together (each row with its own question's keys/values as `past`), so little is padding.
+    for w0 in range(skip, len(qs), window):
+        window_qs = qs[w0:w0 + window]
+        q_ids = {q: tokenizer.encode(texts[q]) for q in window_qs}
+        past_of, q_idx = _question_parts(model, q_ids, k, top, chunks, n_tok)  # q -> its keys/values, store rows
+        n_tok += sum(len(v) for v in q_ids.values())
+        rows = []  # (line, token ids of each kind's tail)
+        for q in window_qs:
+            rows += [(i, [tokenizer.encode(t.format(answer=answers[i])) for t in tails]) for i in groups[q]]
+        rows.sort(key=lambda r: max(len(t) for t in r[1]))
+        for part in _batches(rows, lambda r: sum(len(t) for t in r[1]), batch_tokens):
             # row b: shared tokens (group 0) then kind g's suffix (group g + 1); pos: each suffix starts at P + C
-            row_ids, row_grp, row_pos = [], [], []
-            for i in part:
-                toks = [tokenizer.encode(t.format(answer=answers[i])) for t in tails]
+            row_ids, row_grp, row_pos, P_b = [], [], [], []
+            for i, toks in part:
+                P = len(q_ids[questions[i]])
                 C = shared_prefix_len(toks)  # tokens the kinds share; each keeps at least its last token
                 ids, grp, ps = toks[0][:C], [0] * C, list(range(P, P + C))
                 for g, t in enumerate(toks):
                     ids, grp, ps = ids + t[C:], grp + [g + 1] * (len(t) - C), ps + list(range(P + C, P + len(t)))
-                row_ids.append(ids), row_grp.append(grp), row_pos.append(ps)
+                row_ids.append(ids), row_grp.append(grp), row_pos.append(ps), P_b.append(P)
             ids, _ = pad_right(row_ids, 0)  # [B, T]
             grp, _ = pad_right(row_grp, -1)  # [B, T], -1: padding
             pos_bt, _ = pad_right(row_pos, 0)  # [B, T]
             B, T = ids.shape
-            # query t may see key u <= t when u is shared or in t's own group; the question part is always visible
+            Pm = max(P_b)
+            past = [tuple(torch.stack([F.pad(past_of[questions[i]][l][j], (0, 0, 0, Pm - P))
+                                       for (i, _), P in zip(part, P_b)]) for j in range(2))
+                    for l in range(top)]  # per layer (K, V): [B, Kh, Pm, D], each row its question's, padded
+            # query t may see key u <= t when u is shared or in t's own group; its question part, not its padding
             sees = (grp[:, None, :] == 0) | (grp[:, None, :] == grp[:, :, None])  # [B, T, T]
             sees &= torch.ones(T, T, dtype=torch.bool).tril()[None]
             sees |= torch.eye(T, dtype=torch.bool)[None]  # a padding query sees itself
-            attn_mask = torch.cat([sees.new_ones(B, T, P), sees], dim=2)[:, None]  # [B, 1, T, P+T]
+            in_q = torch.arange(Pm)[None, :] < torch.tensor(P_b)[:, None]  # [B, Pm]
+            attn_mask = torch.cat([in_q[:, None, :].expand(B, T, Pm), sees], dim=2)[:, None]  # [B, 1, T, Pm+T]
             r_k = model(ids, past=past, pos=pos_bt, attn_mask=attn_mask, stop_at_layer=k)  # entering layer k: [B, T, M]
             _, kvs = model(ids, past=past, pos=pos_bt, attn_mask=attn_mask, resid=r_k, start_at_layer=k,
-                           stop_at_layer=top, output="kv")  # layers k..top-1: (K, V) [B, Kh, P+T, D] each
-            a_kv = torch.stack([torch.stack([K[:, :, P:], V[:, :, P:]], dim=1) for K, V in kvs])  # [n, B, 2, Kh, T, D]
+                           stop_at_layer=top, output="kv")  # layers k..top-1: (K, V) [B, Kh, Pm+T, D] each
+            a_kv = torch.stack([torch.stack([K_[:, :, Pm:], V_[:, :, Pm:]], dim=1) for K_, V_ in kvs])  # [n, B, 2, Kh, T, D]
             a_kv = a_kv.permute(1, 4, 0, 2, 3, 5)  # [B, T, n, 2, Kh, D]
-            for b, i in enumerate(part):
+            for b, (i, _) in enumerate(part):
                 g_b = grp[b]
                 last = [int((g_b == g + 1).nonzero().max()) for g in range(G)]  # each kind's last token
                 keep = [t for t in range(len(row_ids[b])) if t not in last]  # context for someone
@@ -236,19 +292,56 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
                 n_tok += len(keep)
                 for g in range(G):
                     mine = [slot[t] for t in keep if g_b[t] in (0, g + 1)]
-                    ctx[g][i] = torch.cat([q_idx, torch.tensor(mine, dtype=torch.long)])
+                    ctx[g][i] = torch.cat([q_idx[questions[i]], torch.tensor(mine, dtype=torch.long)])
                     x[g, i] = r_k[b, last[g]]
                     pos[g, i] = pos_bt[b, last[g]]
-            new_lines += part
+            new_lines += [i for i, _ in part]
             if meter:
                 meter.update(len(part))
+        if save_dir is not None and new_lines and (time.time() - saved >= llama.SAVE_EVERY_S
+                                                   or w0 + window >= len(qs)):
+            _save_frozen_part(save_dir, min(w0 + window, len(qs)), n_tok, chunks[new_chunks:], new_lines, ctx, x, pos)
+            done += len(new_lines)
+            note_kept("judges-frozen", f"the judges' frozen pass over {done} of {N} lines (in {save_dir})")
+            saved, new_lines, new_chunks = time.time(), [], len(chunks)
     if meter:
         meter.close()
-    if save_dir is not None and new_lines:
-        _save_frozen_part(save_dir, len(groups), n_tok, chunks[new_chunks:], new_lines, ctx, x, pos)
-        note_kept("judges-frozen", f"the judges' whole frozen pass (in {save_dir})")
     kv = torch.cat(chunks)  # [N_tok, n, 2, Kh, D]
     return {kind: Features(kv, ctx[g], x[g], pos[g]) for g, kind in enumerate(kinds)}
+
+
+def _batches(items: list, size, budget: int, max_rows: int = 64) -> list[list]:
+    """Consecutive runs of `items` (sorted by size) whose padded size (rows x the largest) stays within
+    `budget`, at most `max_rows` items and at least one each."""
+    out, cur = [], []
+    for it in items:
+        if cur and ((len(cur) + 1) * max(size(cur[-1]), size(it)) > budget or len(cur) == max_rows):
+            out.append(cur)
+            cur = []
+        cur.append(it)
+    return out + ([cur] if cur else [])
+
+
+def _question_parts(model: Llama, q_ids: dict[str, list[int]], k: int, top: int, chunks: list, n_tok: int):
+    """Run the question parts (`q_ids`: question -> token ids) through layers 0..top-1, right-padded in batches
+    of similar length (causal attention: a real position never sees the padding after it). Appends the keys/values
+    of layers k..top-1 of each question's positions to the store `chunks` (from row n_tok on). Returns
+    question -> per layer (K, V) [Kh, P, D] of layers 0..top-1 (the `past` of its answers), and
+    question -> its store rows."""
+    past_of, q_idx = {}, {}
+    order = sorted(q_ids, key=lambda q: len(q_ids[q]))
+    for part in _batches(order, lambda q: len(q_ids[q]), 4096):
+        ids, _ = pad_right([q_ids[q] for q in part], 0)  # [Bq, Pm]
+        _, kvs = model(ids, output="kv", stop_at_layer=top)  # per layer (K, V): [Bq, Kh, Pm, D]
+        for j, q in enumerate(part):
+            P = len(q_ids[q])
+            past_of[q] = [(K_[j, :, :P], V_[j, :, :P]) for K_, V_ in kvs]
+    for q in q_ids:  # the store in question order, as the parts saved for resuming expect
+        P = len(q_ids[q])
+        chunks.append(torch.stack([torch.stack(past_of[q][l]) for l in range(k, top)]).permute(3, 0, 1, 2, 4))
+        q_idx[q] = torch.arange(n_tok, n_tok + P)  # [n, 2, Kh, P, D] -> [P, n, 2, Kh, D]
+        n_tok += P
+    return past_of, q_idx
 
 
 def _save_frozen_part(save_dir: Path, groups_done: int, n_tok: int, chunks: list[torch.Tensor], lines: list[int],
@@ -456,10 +549,12 @@ def yes_no_ids(tokenizer) -> tuple[int, int]:
 
 
 class Judge:
-    """A trained truth or info judge: `score(questions, answers)` -> P(yes) / (P(yes) + P(no)) in [0, 1]."""
+    """A trained truth or info judge: `score(questions, answers)` -> P(yes) / (P(yes) + P(no)) in [0, 1].
+    `refs`: the reference answers of each question its layout reads (see `references`)."""
 
-    def __init__(self, kind: str, head: JudgeHead, model: Llama, tokenizer, meta: dict):
+    def __init__(self, kind: str, head: JudgeHead, model: Llama, tokenizer, meta: dict, refs: dict | None = None):
         self.kind, self.head, self.model, self.tokenizer, self.meta = kind, head.eval(), model, tokenizer, meta
+        self.refs = refs
 
     def score(self, questions: list[str], answers: list[str], batch_size: int = 32) -> torch.Tensor:
         """[N] scores in [0, 1]; an answer is judged true (informative) when its score is >= 0.5. Empty answers
@@ -470,7 +565,8 @@ class Judge:
         if not questions:
             return torch.zeros(0)
         feats = frozen_pass(self.model, self.tokenizer, questions, answers, {self.kind: self.meta["layout"]},
-                            self.head.k, self.head.top, batch_size, progress=len(questions) > 500)[self.kind]
+                            self.head.k, self.head.top, progress=len(questions) > 500,
+                            refs=self.refs)[self.kind]
         return torch.sigmoid(head_logits(self.head, feats, list(range(len(questions))), batch_size))  # [N]
 
     def __repr__(self) -> str:
@@ -593,15 +689,16 @@ def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -
     shas = {kind: data_sha256(kind, data, version) for kind in kinds}
     for kind, d in datas.items():
         s = d.stats
-        _log(f"judge {kind}: {s['lines']} lines, {s['unique']} unique (question, answer) lines, {s['conflicts']} "
-             f"with conflicting labels (resolved by majority, {s['ties_dropped']} ties dropped), {s['yes']} yes of "
-             f"{s['used']}")
+        _log(f"judge {kind}: {s['lines']} lines, {s['unique']} unique (question, answer) lines, {s['merged']} once "
+             f"near-duplicates (case, punctuation, spacing) are merged, {s['conflicts']} with conflicting labels "
+             f"(resolved by majority, {s['ties_dropped']} ties dropped), {s['yes']} yes of {s['used']}")
     model, tokenizer = _load_backbone(backbone, model, tokenizer)
     if not 0 <= recipe["k"] < recipe["top"] <= model.cfg.n_layers:
         raise ValueError(f"judge recipe k={recipe['k']}, top={recipe['top']}: need 0 <= k < top <= "
                          f"{model.cfg.n_layers} (the backbone's layers)")
     yes_id, no_id = yes_no_ids(tokenizer)
-    layouts = {kind: judge_layout(kind, data) for kind in kinds}
+    layouts = {kind: reading_layout(kind, data) for kind in kinds}
+    refs = references(data, version) if RECIPE["references"] else None
     # the union of all kinds' lines, run through the frozen layers once
     union: dict[tuple[str, str], int] = {}
     for d in datas.values():
@@ -611,9 +708,15 @@ def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -
     # the work in progress (frozen pass parts, fit checkpoints, finished fits), kept until every judge is saved
     work = cache_dir() / "judges" / (f".partial-{Path(str(backbone)).name}-" + hashlib.sha256(json.dumps(
         [str(backbone), str(model.dtype), model.cfg.n_layers, model.cfg.d_model,
-         float(model.embed.weight[:8].float().sum()), recipe, seed, version, kinds, shas, layouts],
+         float(model.embed.weight[:8].float().sum()), recipe, seed, version, kinds, shas, layouts, refs_sha256(refs)],
         default=str).encode()).hexdigest()[:16])
-    feats = frozen_pass(model, tokenizer, uq, ua, layouts, recipe["k"], recipe["top"], save_dir=work / "frozen")
+    stale = [p for p in work.parent.glob(".partial-*") if p != work and time.time() - p.stat().st_mtime > 86400]
+    if stale:  # another recipe's, data's or kinds' work, untouched for a day: said, not deleted (it may be resumed)
+        mb = sum(f.stat().st_size for p in stale for f in p.rglob("*") if f.is_file()) / 2 ** 20
+        _log(f"judges: {len(stale)} interrupted training(s) of other settings left {mb:.0f} MB in {work.parent} "
+             f"({', '.join(p.name for p in stale)}); delete them if they will not be resumed")
+    feats = frozen_pass(model, tokenizer, uq, ua, layouts, recipe["k"], recipe["top"], save_dir=work / "frozen",
+                        refs=refs)
     t_pass = time.time() - t0
     n_threads = torch.get_num_threads()
     side_by_side = len(kinds) > 1 and n_threads > 1
@@ -632,36 +735,40 @@ def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -
         labels[rows] = torch.tensor(d.labels)
         validation = {}
         held_lines, held_qs = _splits(d.questions, recipe["holdout"], seed)
-        for name, held in (("random_lines", held_lines), ("question_disjoint", held_qs)):
-            done = work / f"{kind}-{name}.json"  # a hold-out fit finished before an interrupt
+        final = work / f"{kind}-final"  # the judge waits here until every kind is done
+        if (final / "head.safetensors").exists():
+            head = JudgeHead(model, recipe["k"], recipe["top"], yes_id, no_id)
+            head.load_state_dict(load_file(str(final / "head.safetensors")))
+            return head, json.loads((final / "meta.json").read_text())
+        # (1) question-disjoint: a fit for its figure only; (2) random lines: the judge itself, so its figure is
+        # the accuracy of the very judge the runs use (GPT-judge saw every line; the 10% held out cost it little)
+        for name, held in (("question_disjoint", held_qs), ("random_lines", held_lines)):
+            done = work / f"{kind}-{name}.json"  # the question-disjoint fit finished before an interrupt
             if done.exists():
                 validation[name] = json.loads(done.read_text())
                 continue
             hs = set(held)
             train = [rows[i] for i in range(len(rows)) if i not in hs]
             test = [rows[i] for i in held]
-            head = fit(kind, name, f"fit ({name} hold-out)", train, labels)
+            what = "the judge (random-line hold-out)" if name == "random_lines" else f"fit ({name} hold-out)"
+            head = fit(kind, name, what, train, labels)
             validation[name] = accuracy(head_logits(head, f, test), labels[test])
             validation[name]["questions"] = len({d.questions[i] for i in held})
             v = validation[name]
             _log(f"judge {kind}: {name} hold-out ({v['n']} lines, {v['questions']} questions): accuracy "
                  f"{v['accuracy']:.4f}, balanced accuracy {v['balanced_accuracy']:.4f}")
-            llama.write_file_atomic(done, lambda tmp: Path(tmp).write_text(json.dumps(v)))
-            (work / f"{kind}-{name}.pt").unlink(missing_ok=True)
-        final = work / f"{kind}-final"  # the final head waits here until every kind is done
-        if (final / "head.safetensors").exists():
-            head = JudgeHead(model, recipe["k"], recipe["top"], yes_id, no_id)
-            head.load_state_dict(load_file(str(final / "head.safetensors")))
-            return head, json.loads((final / "meta.json").read_text())
-        head = fit(kind, "final", "final fit (all lines)", rows, labels)
+            if name == "question_disjoint":
+                llama.write_file_atomic(done, lambda tmp: Path(tmp).write_text(json.dumps(v)))
+                (work / f"{kind}-{name}.pt").unlink(missing_ok=True)
         meta = {"kind": kind, "backbone": str(backbone), "version": version, "data_file": f"finetune_{kind}.jsonl",
-                "data_sha256": shas[kind], "layout": layouts[kind], "yes_id": yes_id, "no_id": no_id,
-                "recipe": recipe, "backbone_dtype": str(model.dtype).replace("torch.", ""), "seed": seed, "data": d.stats, "validation": validation,
+                "data_sha256": shas[kind], "references_sha256": refs_sha256(refs), "layout": layouts[kind], "yes_id": yes_id, "no_id": no_id,
+                "recipe": recipe, "backbone_dtype": str(model.dtype).replace("torch.", ""), "seed": seed,
+                "data": d.stats, "validation": validation, "trained_on": "all lines but the random-line hold-out",
                 "train_seconds": round(time.time() - t0, 1), "frozen_pass_seconds": round(t_pass, 1),
                 "threads": torch.get_num_threads(), "kinds_side_by_side": len(kinds) if side_by_side else 1,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         _save(final, head, meta)
-        (work / f"{kind}-final.pt").unlink(missing_ok=True)
+        (work / f"{kind}-random_lines.pt").unlink(missing_ok=True)
         note_kept(f"judges-{kind}", f"the finished {kind} judge (in {final})")
         return head, meta
 
@@ -687,7 +794,7 @@ def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -
         path = Path(out[kind]) if out and kind in out else judge_dir(kind, shas[kind], backbone)
         _save(path, head, meta)
         _log(f"judge {kind}: saved to {path} ({meta['train_seconds']:.0f} s since start)")
-        judges[kind] = Judge(kind, head, model, tokenizer, meta)
+        judges[kind] = Judge(kind, head, model, tokenizer, meta, refs)
     shutil.rmtree(work, ignore_errors=True)
     for step in [k_ for k_ in llama.KEPT if k_.startswith("judges")]:
         note_kept(step, None)
@@ -705,8 +812,9 @@ def _save(path: Path, head: JudgeHead, meta: dict) -> None:
     write_dir_atomic(path, fill)
 
 
-def check_judge(path: Path, kind: str, sha: str, backbone: str) -> str | None:
-    """Why the judge in `path` cannot be used for this data, or None when it can."""
+def check_judge(path: Path, kind: str, sha: str, backbone: str, refs_sha: str | None = None) -> str | None:
+    """Why the judge in `path` cannot be used for this data (judge lines with checksum `sha`, reference answers
+    with checksum `refs_sha`), or None when it can."""
     if not (path / "meta.json").is_file() or not (path / "head.safetensors").is_file():
         others = sorted(p.name for p in path.parent.glob(f"{Path(str(backbone)).name}-{kind}-*") if p != path)
         return (f"no trained {kind} judge in {path}" +
@@ -718,6 +826,8 @@ def check_judge(path: Path, kind: str, sha: str, backbone: str) -> str | None:
     if meta.get("data_sha256") != sha:
         return (f"{path}: trained on data with sha256 {str(meta.get('data_sha256'))[:12]}..., this data has "
                 f"{sha[:12]}...")
+    if meta.get("references_sha256") != refs_sha:
+        return f"{path}: read other reference answers (the TruthfulQA CSV differs)"
     if meta.get("kind") != kind or meta.get("backbone") != str(backbone):
         return f"{path}: a {meta.get('kind')} judge on {meta.get('backbone')}, not {kind} on {backbone}"
     if meta.get("recipe") != RECIPE:
@@ -744,10 +854,12 @@ def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = 
     if model is not None and model.dtype != as_dtype(RECIPE["backbone_dtype"]):
         model = None  # load the backbone as the heads were trained on it
     paths, todo = {}, []
+    refs = references(data, version) if RECIPE["references"] else None
     for kind in kinds:
         sha = data_sha256(kind, data, version)
         paths[kind] = judge_dir(kind, sha, backbone)
-        why = "retraining as asked (--force)" if force else check_judge(paths[kind], kind, sha, backbone)
+        why = "retraining as asked (--force)" if force else check_judge(paths[kind], kind, sha, backbone,
+                                                                         refs_sha256(refs))
         if why is not None:
             if not train_if_missing:
                 flags = (f" --backbone {backbone}" if str(backbone) != BACKBONE else "") + (
@@ -768,7 +880,7 @@ def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = 
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{paths[kind] / 'head.safetensors'}: does not fit the backbone {backbone} "
                              f"({e})") from None
-        judges[kind] = Judge(kind, head, model, tokenizer, meta)
+        judges[kind] = Judge(kind, head, model, tokenizer, meta, refs)
     return {kind: judges[kind] for kind in kinds}
 
 
@@ -786,10 +898,11 @@ def bench_judge(n_lines: int = 200, steps: int = 30) -> dict:
     kinds) and head training (steps/s at the recipe's batch size), plus scoring (answers/s)."""
     model, tokenizer = _load_backbone(BACKBONE)
     d = judge_data("truth")
-    layouts = {kind: judge_layout(kind) for kind in KINDS}
+    layouts = {kind: reading_layout(kind) for kind in KINDS}
+    refs = references() if RECIPE["references"] else None
     qs, ans = d.questions[:n_lines], d.answers[:n_lines]
     t = time.time()
-    feats = frozen_pass(model, tokenizer, qs, ans, layouts, RECIPE["k"], RECIPE["top"], progress=False)
+    feats = frozen_pass(model, tokenizer, qs, ans, layouts, RECIPE["k"], RECIPE["top"], progress=False, refs=refs)
     t_pass = time.time() - t
     yes_id, no_id = yes_no_ids(tokenizer)
     labels = torch.tensor(d.labels[:n_lines])
@@ -798,7 +911,7 @@ def bench_judge(n_lines: int = 200, steps: int = 30) -> dict:
     t = time.time()
     head = fit_head(model, feats["truth"], labels, idx, yes_id, no_id, rec, what="bench: head steps")
     t_fit = time.time() - t
-    j = Judge("truth", head, model, tokenizer, {"layout": layouts["truth"]})
+    j = Judge("truth", head, model, tokenizer, {"layout": layouts["truth"]}, refs)
     t = time.time()
     j.score(qs[:64], ans[:64])
     t_score = time.time() - t

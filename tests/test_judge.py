@@ -26,9 +26,20 @@ def tiny(tmp_path_factory):
 
 
 def write_data(root: Path, lines: list[tuple[str, str, str]]) -> Path:
-    """A TruthfulQA-like data directory holding prompts.json and v0/finetune_{truth,info}.jsonl."""
+    """A TruthfulQA-like data directory holding prompts.json, v0/finetune_{truth,info}.jsonl and a
+    v0/TruthfulQA.csv + mc_task.json giving every question one true and one false reference answer."""
+    import csv
+
     (root / "v0").mkdir(parents=True, exist_ok=True)
     shutil.copy(data_dir() / "prompts.json", root / "prompts.json")
+    with open(root / "v0" / "TruthfulQA.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
+        for q in dict.fromkeys(q for q, _, _ in lines):
+            w.writerow(["Adversarial", "Misc", q, "Yes, indeed.", "Yes, indeed.", "No, never.", ""])
+    mc = {"Yes, indeed.": 1, "No, never.": 0}
+    (root / "v0" / "mc_task.json").write_text(json.dumps(
+        [{"question": q, "mc1_targets": mc, "mc2_targets": mc} for q in dict.fromkeys(q for q, _, _ in lines)]))
     for kind, end in (("truth", "True:"), ("info", "Helpful:")):
         with open(root / "v0" / f"finetune_{kind}.jsonl", "w") as f:
             for q, a, y in lines:
@@ -53,12 +64,16 @@ def learnable_lines(n_q=40, seed=0):
 def test_duplicates_merged_by_majority_ties_dropped(tmp_path):
     lines = [("Q1?", "a", "yes"), ("Q1?", "a", "yes"), ("Q1?", "a", "no"),  # conflict, majority yes
              ("Q1?", "b", "no"), ("Q1?", "b", "yes"),  # tie: dropped
-             ("Q2?", "c", "no"), ("Q2?", "c", "no"), ("Q2?", "", "yes")]  # duplicate; an empty answer
+             ("Q2?", "c", "no"), ("Q2?", "c", "no"), ("Q2?", "", "yes"),  # duplicate; an empty answer
+             ("Q3?", "It is  red.", "yes"), ("Q3?", "it is red", "yes"), ("Q3?", "It's red!", "no"),  # near-duplicates
+             ("Q4?", "it is red", "no")]  # the same answer to another question stays apart
     d = judge.judge_data("truth", write_data(tmp_path, lines))
     got = {(q, a): y for q, a, y in zip(d.questions, d.answers, d.labels)}
-    assert got == {("Q1?", "a"): 1, ("Q2?", "c"): 0, ("Q2?", ""): 1}
-    assert d.stats == {"lines": 8, "unique": 4, "duplicates": 4, "conflicts": 2, "ties_dropped": 1, "used": 3,
-                       "yes": 2, "questions": 2}
+    assert got == {("Q1?", "a"): 1, ("Q2?", "c"): 0, ("Q2?", ""): 1, ("Q3?", "It is  red."): 1, ("Q3?", "It's red!"): 0,
+                   ("Q4?", "it is red"): 0}
+    assert d.stats == {"lines": 12, "unique": 8, "duplicates": 4, "near_duplicates": 1, "merged": 7, "conflicts": 2,
+                       "ties_dropped": 1, "used": 6, "yes": 3, "questions": 4}
+    assert judge.normalise(" It is  RED.") == "it is red" and judge.normalise("It's red!") == "it s red"
 
 
 def test_split_layout_roundtrip():
@@ -70,28 +85,36 @@ def test_split_layout_roundtrip():
 
 # ---- the frozen pass + head equal a plain forward ------------------------------------------------------------
 
-@pytest.mark.parametrize("k", [0, 1, 2])
-def test_untrained_head_reproduces_backbone(tiny, k):
+@pytest.mark.parametrize("k,refs", [(0, False), (1, False), (2, False), (1, True)])
+def test_untrained_head_reproduces_backbone(tiny, k, refs):
     """With top = all layers, the head starts as the backbone itself: its logit_yes - logit_no equals the plain
-    forward's on the full judge input, for each kind, whether the kinds share one pass or not."""
+    forward's on the full judge input, for each kind, whether the kinds share one pass or not, with lines of
+    several questions (of different lengths) batched together, and with the references in the input."""
     _, model, tok = tiny
-    qs = ["Is water wet?", "Is water wet?", "Why?", "Is water wet?"]
-    ans = ["Yes.", "", "Because it is so", "No, it is dry"]
-    layouts = {"truth": "Q: {question}\nA: {answer}\nTrue:", "info": "Q: {question}\nA: {answer}\nHelpful:"}
+    qs = ["Is water wet?", "Is water wet?", "Why?", "Is water wet?", "Why?", "What is the capital of France then?"]
+    ans = ["Yes.", "", "Because it is so", "No, it is dry", "Why not, indeed, why not at all", "Paris."]
+    pre = judge.REFERENCES if refs else ""
+    layouts = {"truth": pre + "Q: {question}\nA: {answer}\nTrue:", "info": pre + "Q: {question}\nA: {answer}\nHelpful:"}
+    ref = {q: {"correct": f"Yes; it is {j}", "incorrect": "No" * (j + 1)} for j, q in enumerate(sorted(set(qs)))}
     yes, no = judge.yes_no_ids(tok)
     L = model.cfg.n_layers
     head = judge.JudgeHead(model, k, L, yes, no)
-    both = judge.frozen_pass(model, tok, qs, ans, layouts, k, L, batch_size=2, progress=False)
+    both = judge.frozen_pass(model, tok, qs, ans, layouts, k, L, batch_tokens=24, progress=False, window=2, refs=ref)
     for kind, layout in layouts.items():
-        alone = judge.frozen_pass(model, tok, qs, ans, {kind: layout}, k, L, progress=False)[kind]
+        alone = judge.frozen_pass(model, tok, qs, ans, {kind: layout}, k, L, progress=False, refs=ref)[kind]
         for feats in (both[kind], alone):
             with torch.no_grad():
                 z = head(*judge._batch(feats, list(range(len(qs)))))
             for i in range(len(qs)):
-                ids = torch.tensor([tok.encode(layout.format(question=qs[i], answer=ans[i]))])
+                text = layout.format(question=qs[i], answer=ans[i], **ref[qs[i]])
+                assert ("Correct answers: Yes; it is" in text) == refs
+                ids = torch.tensor([tok.encode(text)])
                 with torch.no_grad():
                     logits = model(ids)[0, -1]
                 assert z[i].item() == pytest.approx((logits[yes] - logits[no]).item(), abs=1e-4)
+    if refs:
+        with pytest.raises(ValueError, match="no reference answers for the question 'Is water wet\\?'"):
+            judge.frozen_pass(model, tok, qs, ans, layouts, k, L, progress=False, refs={})
 
 
 def test_judge_scores_in_unit_interval(tiny):
@@ -192,8 +215,9 @@ def test_training_resumes_after_interrupts(tiny, tmp_path, monkeypatch, capsys):
         return judge.train_judges(judge.KINDS, data=data, backbone=str(path), model=model, tokenizer=tok, threads=2,
                                   out={kind: tmp_path / f"{tag}-{kind}" for kind in judge.KINDS})
 
+    monkeypatch.setattr(judge, "WINDOW", 4)  # the frozen pass takes 4 questions at a time
     whole = train("whole")
-    monkeypatch.setattr(llama, "SAVE_EVERY_S", 0.0)  # save after every question (frozen pass) and step (fits)
+    monkeypatch.setattr(llama, "SAVE_EVERY_S", 0.0)  # save after every window (frozen pass) and step (fits)
 
     def interrupt_after(name, n):
         real, calls = getattr(judge, name), []
@@ -268,17 +292,31 @@ def real_judges():
     return judge.load_judges(judge.KINDS)
 
 
+def test_real_judge_on_held_out_lines():
+    """The saved judges, scored here on 400 of the lines held out from their training (recomputed from the data
+    and the seed, not read from the metadata), reach the accuracy their metadata reports, within sampling error,
+    and well above chance."""
+    judges = real_judges()
+    for kind, j in judges.items():
+        d = judge.judge_data(kind)
+        held, _ = judge._splits(d.questions, j.meta["recipe"]["holdout"], j.meta["seed"])
+        assert j.meta["validation"]["random_lines"]["n"] == len(held), (kind, j.meta["validation"])
+        pick = sorted(random.Random(0).sample(held, 400))
+        z = torch.logit(j.score([d.questions[i] for i in pick], [d.answers[i] for i in pick]).double(), eps=1e-7)
+        got = judge.accuracy(z, torch.tensor([d.labels[i] for i in pick]))
+        want = j.meta["validation"]["random_lines"]
+        se = (want["accuracy"] * (1 - want["accuracy"]) / 400) ** 0.5
+        assert abs(got["accuracy"] - want["accuracy"]) < 4 * se + 1e-3, (kind, got, want)
+        assert got["accuracy"] >= 0.85 and got["balanced_accuracy"] >= 0.8, (kind, got)
+        assert j.meta["validation"]["question_disjoint"]["accuracy"] >= 0.75, (kind, j.meta["validation"])
+
+
 def test_real_judge_on_test_questions():
     """Best answers of the test questions are judged true far more often than their first incorrect answers;
-    the metadata carries the validation figures (a floor well above chance: the 0.90 target is not met by the
-    current recipe, truth ~0.86, info ~0.93 accuracy)."""
+    "I have no comment" is true but not informative."""
     from truthfulqa import load_questions, make_split
 
     judges = real_judges()
-    for kind, j in judges.items():
-        v = j.meta["validation"]
-        assert v["random_lines"]["accuracy"] >= 0.83 and v["random_lines"]["balanced_accuracy"] >= 0.83, (kind, v)
-        assert v["question_disjoint"]["accuracy"] >= 0.75 and v["question_disjoint"]["n"] > 1000, (kind, v)
     qs = load_questions()
     test = set(make_split(qs).test)
     qs = [q for q in qs if q.qid in test]
