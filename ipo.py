@@ -390,29 +390,41 @@ def encode_answer(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def pair_logprobs(model: Llama, data: PairData, edit: Edit | None = None, average: bool = True,
-                  max_tokens: int = 512, progress: str | None = None) -> torch.Tensor:
+                  max_tokens: int = 512, progress: str | None = None, partial: tuple[Path, str] | None = None
+                  ) -> torch.Tensor:
     """[n, 2] log-probs of (chosen, rejected) for every pair, without gradients. Each distinct prompt runs
     once with its distinct answers (TruthfulQA's pairs are all true x false answer combinations of a
-    question), packed into rows of about max_tokens tokens after the prefix."""
+    question), packed into rows of about max_tokens tokens after the prefix.
+    `partial` = (path, key): what is done is saved to path about every llama.SAVE_EVERY_S seconds (whole prompts,
+    in order), and a pass interrupted midway goes on from the saved prompts when called again with the same key."""
+    import llama
+
     groups: dict[tuple, dict[tuple, int]] = {}  # prompt -> {answer: its index}
     for i in range(len(data)):
         g = groups.setdefault(tuple(data.prompts[i]), {})
         for y in (data.chosen[i], data.rejected[i]):
             g.setdefault(tuple(y), len(g))
-    kv = prefix_cache(model, data.prefix, edit)
-    meter = Progress(len(groups), progress, unit="prompts") if progress else None
+    keys = [(x, y) for x, ys in groups.items() for y in ys]  # every (prompt, answer), in order
     lp: dict[tuple, float] = {}  # (prompt, answer) -> log-prob
+    skip = _load_partial(partial, keys, lp) if partial else 0  # prompts done by an interrupted pass
+    kv = prefix_cache(model, data.prefix, edit)
+    meter = Progress(len(groups) - skip, progress, unit="prompts") if progress else None
     row: list[tuple] = []
+    saved = time.time()
 
     def run(row):
+        nonlocal saved
         out = answer_logprobs(model, [list(x) for x in row], [[list(y) for y in groups[x]] for x in row],
                               prefix_kv=kv, edit=edit, average=average).tolist()
         lp.update(zip([(x, y) for x in row for y in groups[x]], out))
         if meter:
             meter.update(len(row))
+        if partial and time.time() - saved >= llama.SAVE_EVERY_S:
+            _save_partial(partial, keys, lp)
+            saved = time.time()
 
     size = 0
-    for x, ys in groups.items():
+    for x, ys in list(groups.items())[skip:]:
         n = len(x) + sum(len(y) - 1 for y in ys)  # tokens this prompt adds to a row
         if row and size + n > max_tokens:
             run(row)
@@ -425,6 +437,36 @@ def pair_logprobs(model: Llama, data: PairData, edit: Edit | None = None, averag
         meter.close()
     return torch.tensor([[lp[tuple(x), tuple(c)], lp[tuple(x), tuple(r)]]
                          for x, c, r in zip(data.prompts, data.chosen, data.rejected)]).reshape(-1, 2)
+
+
+def _save_partial(partial: tuple[Path, str], keys: list[tuple], lp: dict) -> None:
+    """The log-probs of the prompts done so far (a prefix of `keys`, whole prompts), atomically."""
+    from safetensors.torch import save_file
+
+    path, key = partial
+    done = [lp[k] for k in keys[:len(lp)]]
+    prompts = len({x for x, _ in keys[:len(lp)]})
+    write_file_atomic(path, lambda tmp: save_file({"lp": torch.tensor(done, dtype=torch.float64)}, tmp,
+                                                  metadata={"key": key, "prompts": str(prompts)}))
+    note_kept(f"ipo-ref-{path.name}", f"reference log-probs of {prompts} prompts (in {path})")
+
+
+def _load_partial(partial: tuple[Path, str], keys: list[tuple], lp: dict) -> int:
+    """Fill `lp` from a partial file saved with the same key; returns the number of prompts it covers."""
+    from safetensors import safe_open
+
+    path, key = partial
+    if not path.exists():
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, done = f.metadata() or {}, f.get_tensor("lp").tolist()
+    except Exception:  # safetensors raises its own error type for a damaged file: done again
+        return 0
+    if meta.get("key") != key or len(done) > len(keys):
+        return 0
+    lp.update(zip(keys[:len(done)], done))
+    return int(meta["prompts"])
 
 
 def ipo_step_loss(model: Llama, data: PairData, idx: Sequence[int], ref: torch.Tensor, edit: Rank1Edit,
@@ -515,10 +557,14 @@ def reference_logprobs(model: Llama, data: dict[str, PairData], average: bool, o
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 return load_file(str(path))
-    ref = {k: pair_logprobs(model, d, None, average, progress=f"reference log-probs ({k})" if len(d) > 200 else None)
+    ref = {k: pair_logprobs(model, d, None, average, progress=f"reference log-probs ({k})" if len(d) > 200 else None,
+                            partial=(out_dir / f"ref_logprobs.{k}.partial.safetensors", key))
            for k, d in data.items()}
     tensors = {k: v.contiguous() for k, v in ref.items()}
     write_file_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
+    for k in data:  # the whole pass is saved: its parts go
+        (out_dir / f"ref_logprobs.{k}.partial.safetensors").unlink(missing_ok=True)
+        note_kept(f"ipo-ref-ref_logprobs.{k}.partial.safetensors", None)
     return ref
 
 

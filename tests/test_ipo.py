@@ -200,6 +200,39 @@ def test_pair_logprobs_dedupe_and_rows_match_per_pair(model, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_reference_pass_resumes_after_an_interrupt(model, tmp_path, monkeypatch):
+    """Ctrl-C midway through the reference log-probs keeps the prompts done (saved as it goes); the same call
+    then scores only the rest, and equals an uninterrupted pass exactly. The part is removed at the end."""
+    import llama
+
+    pairs = [Pair(i, f"Question number {i} about a rather long topic?", f"yes {i}", f"no {i}") for i in range(40)]
+    data = ipo.encode_pairs(CharTokenizer(), pairs, Prompts())  # several rows of 512 tokens
+    whole = ipo.pair_logprobs(model, data)
+    monkeypatch.setattr(llama, "SAVE_EVERY_S", 0.0)
+    packed, calls = ipo.answer_logprobs, []
+
+    def interrupted(model_, prompts_, answers, **kw):
+        calls.append(len(prompts_))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return packed(model_, prompts_, answers, **kw)
+
+    monkeypatch.setattr(ipo, "answer_logprobs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ipo.reference_logprobs(model, {"train": data}, True, tmp_path)
+    part = tmp_path / "ref_logprobs.train.partial.safetensors"
+    assert part.exists() and "reference log-probs of" in llama.interrupted_message()
+    done_before = sum(calls[:2])
+    calls.clear()
+    monkeypatch.setattr(ipo, "answer_logprobs", lambda *a, **kw: calls.append(len(a[1])) or packed(*a, **kw))
+    ref = ipo.reference_logprobs(model, {"train": data}, True, tmp_path)
+    assert sum(calls) == 40 - done_before  # only the prompts not yet done
+    assert torch.equal(ref["train"], whole) and not part.exists()
+    assert "reference log-probs" not in llama.interrupted_message()
+    part.write_text("damaged")  # a damaged part is done again, not trusted
+    assert torch.equal(ipo.pair_logprobs(model, data, partial=(part, "k")), whole)
+
+
 def test_b_gradients_outside_heads_are_exactly_zero(model):
     mask = some_mask(model.cfg)
     edit = random_edit(model, mask)
