@@ -237,7 +237,7 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
     if skip and progress:
         _log(f"judge {'+'.join(kinds)}: frozen pass resuming with {done} of {N} lines saved by an interrupted run")
     meter = Progress(N - done, f"judge {'+'.join(kinds)}: frozen pass (layers 0..{top - 1})",
-                     unit="lines") if progress else None
+                     unit="lines") if progress and done < N else None
     saved, new_lines, new_chunks = time.time(), [], len(chunks)  # the last save; lines and chunks since
     # Questions are taken a window at a time; within a window the lines of all its questions are sorted by
     # length and batched together (each row with its own question's keys/values as `past`), so little is padding.
@@ -822,12 +822,12 @@ def check_judge(path: Path, kind: str, sha: str, backbone: str, refs_sha: str | 
     if meta.get("data_sha256") != sha:
         return (f"{path}: trained on data with sha256 {str(meta.get('data_sha256'))[:12]}..., this data has "
                 f"{sha[:12]}...")
-    if meta.get("references_sha256") != refs_sha:
-        return f"{path}: read other reference answers (the TruthfulQA CSV differs)"
     if meta.get("kind") != kind or meta.get("backbone") != str(backbone):
         return f"{path}: a {meta.get('kind')} judge on {meta.get('backbone')}, not {kind} on {backbone}"
     if meta.get("recipe") != RECIPE:
         return f"{path}: trained with recipe {meta.get('recipe')}, the code now uses {RECIPE}"
+    if meta.get("references_sha256") != refs_sha:
+        return f"{path}: read other reference answers (the TruthfulQA CSV differs)"
     here = str(as_dtype(RECIPE["backbone_dtype"])).replace("torch.", "")
     if meta.get("backbone_dtype") != here:
         return f"{path}: trained on {meta.get('backbone_dtype')} features, this machine's backbone runs in {here}"

@@ -365,6 +365,9 @@ class Context:
                 self.cfg.model == judge.BACKBONE and self.cfg.device == "cpu") else {}
             self._judges = tuple(judge.load_judges(("truth", "info"), data=self.cfg.data, version="v0",
                                                    **shared).values())
+            if self.cfg.version != "v0":  # the judges read the references of the questions this run asks
+                for j in self._judges:
+                    j.refs = {**(j.refs or {}), **judge.references(self.cfg.data, self.cfg.version)}
         return self._judges
 
     def kl_texts(self) -> list[str]:

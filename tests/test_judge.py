@@ -157,6 +157,16 @@ def test_train_save_load_and_mismatched_data(tiny, tmp_path, monkeypatch, capsys
     assert loaded.meta == judges["truth"].meta
     assert torch.allclose(loaded.score(list(qs[:7]), list(ans[:7])), s[:7], atol=1e-6)
 
+    # the judge reads each question's references: a question without them is one clear error
+    with pytest.raises(ValueError, match="no reference answers for the question 'Unknown\\?'"):
+        loaded.score(["Unknown?"], ["Yes."])
+    # other references (the CSV changed): the cached judge is not trusted
+    csv_path = data / "v0" / "TruthfulQA.csv"
+    csv_text = csv_path.read_text()
+    csv_path.write_text(csv_text.replace("No, never.", "No, not ever."))
+    with pytest.raises(FileNotFoundError, match="read other reference answers"):
+        judge.load_judge("truth", data=data, backbone=str(path), train_if_missing=False, model=model, tokenizer=tok)
+    csv_path.write_text(csv_text)
     # other data: the cached judge is not trusted
     write_data(data, lines[:-5])
     with pytest.raises(FileNotFoundError, match="trained on other data"):
@@ -290,6 +300,25 @@ def real_judges():
     """The default judges, trained once per machine when they are not cached (about 23 minutes on 2 cores;
     both kinds share one frozen pass), then read from the cache."""
     return judge.load_judges(judge.KINDS)
+
+
+def test_judge_input_is_what_the_readme_says():
+    """One real judge input written out is the README's example, line for line; its question part and its answer
+    part, tokenised apart as the frozen pass does, give the tokens of the whole text."""
+    from tokenizer import Tokenizer
+    from truthfulqa import load_questions
+
+    q = load_questions()[0]
+    refs = judge.references()
+    layout = judge.reading_layout("truth")
+    text = layout.format(question=q.question, answer="Nothing happens.", **refs[q.question])
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "\n".join("    " + line for line in text.split("\n")) in readme, text
+    assert text.startswith("Correct answers: Nothing happens; ") and text.endswith("\nA: Nothing happens.\nTrue:")
+    head, tail = judge.split_layout(layout)
+    tok = Tokenizer.from_pretrained(judge.BACKBONE)
+    assert (tok.encode(judge.head_text(head, q.question, refs)) + tok.encode(tail.format(answer="Nothing happens."))
+            == tok.encode(text))
 
 
 def test_real_judge_on_held_out_lines():
