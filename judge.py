@@ -226,29 +226,30 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
         groups[q].append(i)
     texts = {q: head_text(heads[0], q, refs) for q in groups}  # a question without references fails here, first
     G, N, M = len(kinds), len(questions), model.cfg.d_model
-    chunks: list[torch.Tensor] = []  # pieces of the store, each [T, n, 2, Kh, D]
+    q_ids = {q: tokenizer.encode(texts[q]) for q in groups}
+    tail_ids = [[tokenizer.encode(t.format(answer=a)) for t in tails] for a in answers]  # line -> each kind's tail
+    # the store, allocated once (a list of pieces joined at the end would need twice the memory at its peak):
+    # every question part, and every line's tokens but each kind's last
+    n_rows = sum(len(v) for v in q_ids.values()) + sum(_row_len(t) - G for t in tail_ids)
+    kv = torch.empty(n_rows, top - k, 2, model.cfg.n_kv_heads, model.cfg.head_dim, dtype=model.dtype)
     ctx = [[None] * N for _ in kinds]
     x = torch.zeros(G, N, M, dtype=model.dtype)
     pos = torch.zeros(G, N, dtype=torch.long)
-    skip = _load_frozen_parts(save_dir, chunks, ctx, x, pos) if save_dir is not None else 0  # questions done
-    n_tok = sum(len(c) for c in chunks)
+    skip, n_tok = _load_frozen_parts(save_dir, kv, ctx, x, pos) if save_dir is not None else (0, 0)  # questions done
     qs = list(groups)
     done = sum(len(groups[q]) for q in qs[:skip])
     if skip and progress:
         _log(f"judge {'+'.join(kinds)}: frozen pass resuming with {done} of {N} lines saved by an interrupted run")
     meter = Progress(N - done, f"judge {'+'.join(kinds)}: frozen pass (layers 0..{top - 1})",
                      unit="lines") if progress and done < N else None
-    saved, new_lines, new_chunks = time.time(), [], len(chunks)  # the last save; lines and chunks since
+    saved, new_lines, saved_tok = time.time(), [], n_tok  # the last save; the lines and store rows since
     # Questions are taken a window at a time; within a window the lines of all its questions are sorted by
     # length and batched together (each row with its own question's keys/values as `past`), so little is padding.
     for w0 in range(skip, len(qs), window):
         window_qs = qs[w0:w0 + window]
-        q_ids = {q: tokenizer.encode(texts[q]) for q in window_qs}
-        past_of, q_idx = _question_parts(model, q_ids, k, top, chunks, n_tok)  # q -> its keys/values, store rows
-        n_tok += sum(len(v) for v in q_ids.values())
-        rows = []  # (line, token ids of each kind's tail)
-        for q in window_qs:
-            rows += [(i, [tokenizer.encode(t.format(answer=answers[i])) for t in tails]) for i in groups[q]]
+        past_of, q_idx = _question_parts(model, {q: q_ids[q] for q in window_qs}, k, top, kv, n_tok)
+        n_tok += sum(len(q_ids[q]) for q in window_qs)  # past_of: q -> its keys/values; q_idx: its store rows
+        rows = [(i, tail_ids[i]) for q in window_qs for i in groups[q]]  # (line, token ids of each kind's tail)
         rows.sort(key=lambda r: max(len(t) for t in r[1]))
         for part in _batches(rows, lambda r: sum(len(t) for t in r[1]), batch_tokens):
             # row b: shared tokens (group 0) then kind g's suffix (group g + 1); pos: each suffix starts at P + C
@@ -283,7 +284,7 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
                 g_b = grp[b]
                 last = [int((g_b == g + 1).nonzero().max()) for g in range(G)]  # each kind's last token
                 keep = [t for t in range(len(row_ids[b])) if t not in last]  # context for someone
-                chunks.append(a_kv[b, keep])
+                kv[n_tok:n_tok + len(keep)] = a_kv[b, keep]
                 slot = {t: n_tok + j for j, t in enumerate(keep)}
                 n_tok += len(keep)
                 for g in range(G):
@@ -296,13 +297,13 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
                 meter.update(len(part))
         if save_dir is not None and new_lines and (time.time() - saved >= llama.SAVE_EVERY_S
                                                    or w0 + window >= len(qs)):
-            _save_frozen_part(save_dir, min(w0 + window, len(qs)), n_tok, chunks[new_chunks:], new_lines, ctx, x, pos)
+            _save_frozen_part(save_dir, min(w0 + window, len(qs)), n_tok, kv[saved_tok:n_tok], new_lines, ctx, x, pos)
             done += len(new_lines)
             note_kept("judges-frozen", f"the judges' frozen pass over {done} of {N} lines (in {save_dir})")
-            saved, new_lines, new_chunks = time.time(), [], len(chunks)
+            saved, new_lines, saved_tok = time.time(), [], n_tok
     if meter:
         meter.close()
-    kv = torch.cat(chunks)  # [N_tok, n, 2, Kh, D]
+    assert n_tok == n_rows, (n_tok, n_rows)
     return {kind: Features(kv, ctx[g], x[g], pos[g]) for g, kind in enumerate(kinds)}
 
 
@@ -318,10 +319,16 @@ def _batches(items: list, size, budget: int, max_rows: int = 64) -> list[list]:
     return out + ([cur] if cur else [])
 
 
-def _question_parts(model: Llama, q_ids: dict[str, list[int]], k: int, top: int, chunks: list, n_tok: int):
+def _row_len(toks: list[list[int]]) -> int:
+    """Tokens of a frozen-pass row: those the kinds' tails share, then each kind's own."""
+    C = shared_prefix_len(toks)
+    return C + sum(len(t) - C for t in toks)
+
+
+def _question_parts(model: Llama, q_ids: dict[str, list[int]], k: int, top: int, kv: torch.Tensor, n_tok: int):
     """Run the question parts (`q_ids`: question -> token ids) through layers 0..top-1, right-padded in batches
     of similar length (causal attention: a real position never sees the padding after it). Appends the keys/values
-    of layers k..top-1 of each question's positions to the store `chunks` (from row n_tok on). Returns
+    of layers k..top-1 of each question's positions into the store `kv` (from row n_tok on). Returns
     question -> per layer (K, V) [Kh, P, D] of layers 0..top-1 (the `past` of its answers), and
     question -> its store rows."""
     past_of, q_idx = {}, {}
@@ -334,31 +341,32 @@ def _question_parts(model: Llama, q_ids: dict[str, list[int]], k: int, top: int,
             past_of[q] = [(K_[j, :, :P], V_[j, :, :P]) for K_, V_ in kvs]
     for q in q_ids:  # the store in question order, as the parts saved for resuming expect
         P = len(q_ids[q])
-        chunks.append(torch.stack([torch.stack(past_of[q][l]) for l in range(k, top)]).permute(3, 0, 1, 2, 4))
+        kv[n_tok:n_tok + P] = torch.stack([torch.stack(past_of[q][l]) for l in range(k, top)]).permute(3, 0, 1, 2, 4)
         q_idx[q] = torch.arange(n_tok, n_tok + P)  # [n, 2, Kh, P, D] -> [P, n, 2, Kh, D]
         n_tok += P
     return past_of, q_idx
 
 
-def _save_frozen_part(save_dir: Path, groups_done: int, n_tok: int, chunks: list[torch.Tensor], lines: list[int],
+def _save_frozen_part(save_dir: Path, groups_done: int, n_tok: int, new_kv: torch.Tensor, lines: list[int],
                       ctx: list[list], x: torch.Tensor, pos: torch.Tensor) -> None:
-    """Save the frozen pass's work since the last part: its keys/values (`chunks`, the store's rows up to
+    """Save the frozen pass's work since the last part: its keys/values (`new_kv`, the store's rows up to
     n_tok), and for each of `lines` and each kind g its context indices ctx[g][i], x[g, i] and pos[g, i]."""
     from safetensors.torch import save_file
 
     k = len(list(save_dir.glob("part-*.safetensors")))
     idx = torch.tensor(lines, dtype=torch.long)
-    tensors = {"kv": torch.cat(chunks).contiguous(), "lines": idx, "x": x[:, idx].contiguous(), "pos": pos[:, idx],
+    tensors = {"kv": new_kv.contiguous(), "lines": idx, "x": x[:, idx].contiguous(), "pos": pos[:, idx],
                "ctx_len": torch.tensor([[len(c[i]) for i in lines] for c in ctx], dtype=torch.long),  # [G, m]
                "ctx": torch.cat([c[i] for c in ctx for i in lines])}
     llama.write_file_atomic(save_dir / f"part-{k:04d}.safetensors", lambda tmp: save_file(
         tensors, tmp, metadata={"groups_done": str(groups_done), "n_tok": str(n_tok)}))
 
 
-def _load_frozen_parts(save_dir: Path, chunks: list, ctx: list[list], x: torch.Tensor, pos: torch.Tensor) -> int:
-    """Read the parts an interrupted frozen pass saved in save_dir into chunks, ctx, x and pos; returns the
-    number of questions (groups) they cover (0: none). A damaged part and those after it are deleted: their
-    work is done again."""
+def _load_frozen_parts(save_dir: Path, kv: torch.Tensor, ctx: list[list], x: torch.Tensor, pos: torch.Tensor
+                       ) -> tuple[int, int]:
+    """Read the parts an interrupted frozen pass saved in save_dir into the store kv, ctx, x and pos; returns the
+    number of questions (groups) and of store rows they cover ((0, 0): none). A damaged part and those after it
+    are deleted: their work is done again."""
     from safetensors import safe_open
 
     groups_done, n_tok = 0, 0
@@ -368,21 +376,22 @@ def _load_frozen_parts(save_dir: Path, chunks: list, ctx: list[list], x: torch.T
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
                 t = {name: f.get_tensor(name) for name in ("kv", "lines", "x", "pos", "ctx_len", "ctx")}
-            ok = n_tok + len(t["kv"]) == int(meta["n_tok"]) and t["x"].shape[0] == x.shape[0]
+            ok = (n_tok + len(t["kv"]) == int(meta["n_tok"]) <= len(kv) and t["x"].shape[0] == x.shape[0]
+                  and t["kv"].shape[1:] == kv.shape[1:])
         except Exception:  # safetensors raises its own error type for a damaged file
             ok = False
         if not ok:
             for later in parts[j:]:
                 later.unlink()
             break
-        chunks.append(t["kv"])
+        kv[n_tok:n_tok + len(t["kv"])] = t["kv"]
         x[:, t["lines"]], pos[:, t["lines"]] = t["x"].to(x.dtype), t["pos"]
         flat = iter(torch.split(t["ctx"], t["ctx_len"].flatten().tolist()))
         for g in range(len(ctx)):
             for i in t["lines"].tolist():
                 ctx[g][i] = next(flat)
         groups_done, n_tok = int(meta["groups_done"]), int(meta["n_tok"])
-    return groups_done
+    return groups_done, n_tok
 
 
 # ----------------------------------------------------------------------------------------------------------
