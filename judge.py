@@ -2,7 +2,8 @@
 
 GPT-judge is GPT-3 fine-tuned on finetune_truth.jsonl / finetune_info.jsonl: the input is
 "Q: {question}\\nA: {answer}\\nTrue:" (resp. "Helpful:") and the target " yes" or " no". Ours reads the same
-input with a small Llama backbone (default: the offline default model) and scores
+input after the question's reference answers (REFERENCES: the CSV's Correct and Incorrect Answers, which a 135M
+backbone can compare an answer with) with a small Llama backbone (default: the offline default model) and scores
 
     score = P(yes) / (P(yes) + P(no)) = sigmoid(logit_yes - logit_no),     true (informative) iff score >= 0.5.
 
@@ -13,14 +14,15 @@ layers (its query, its own key/value, o_proj, MLP), then the final norm and a 2-
 from the " yes" / " no" unembeddings (with top = L the untrained head is exactly the backbone; layers above
 `top`, if top < L, are not used). So one frozen pass over all lines (`frozen_pass`, kept in memory as the
 keys/values of layers k..top-1 plus the last token's residual entering layer k; both kinds share it, as
-their inputs differ only in the last word) serves every epoch and all three fits:
+their inputs differ only in the last word) serves every epoch and both fits:
 
-  1. random-line hold-out: 10% of the unique (question, answer) lines held out -> accuracy, balanced accuracy
-  2. question-disjoint hold-out: 10% of the questions held out (generalisation; reported, no target)
-  3. the judge used by runs: trained on all lines, as GPT-judge was.
+  1. question-disjoint hold-out: 10% of the questions held out -> accuracy, balanced accuracy on unseen questions
+  2. the judge used by runs: trained with 10% of the lines held out -> its own accuracy, balanced accuracy
+     (GPT-judge saw every line; lines equal up to case, punctuation and spacing are one line, so a held-out
+     line has no near-copy in training)
 
 Saved as <cache>/judges/<backbone>-<kind>-<data sha256[:12]>/{head.safetensors, meta.json}; `load_judge`
-retrains when the data file's checksum or the recipe differs from the metadata.
+retrains when the data file's or the references' checksum or the recipe differs from the metadata.
 
 CLI:  python judge.py train [--kind truth|info|both] [--data DIR]
       python judge.py score --kind truth --question Q --answer A     (or --jsonl FILE with question/answer)

@@ -297,7 +297,7 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
 # ---- the real judge (trained once, cached) ---------------------------------------------------------------------
 
 def real_judges():
-    """The default judges, trained once per machine when they are not cached (about 23 minutes on 2 cores;
+    """The default judges, trained once per machine when they are not cached (about 42 minutes on 2 cores;
     both kinds share one frozen pass), then read from the cache."""
     return judge.load_judges(judge.KINDS)
 
