@@ -98,8 +98,9 @@ def judge_data(kind: str, data=None, version: str = "v0") -> JudgeData:
     votes: dict[tuple[str, str], list[int]] = defaultdict(list)
     first: dict[tuple[str, str], str] = {}
     for q, a, y in lines:
-        votes[(q, normalise(a))].append(y)
-        first.setdefault((q, normalise(a)), a)
+        key = (q, normalise(a))
+        votes[key].append(y)
+        first.setdefault(key, a)
     qs, ans, ys = [], [], []
     conflicts = ties = 0
     for key, v in votes.items():
