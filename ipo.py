@@ -505,9 +505,17 @@ def default_lr(mask: torch.Tensor | None) -> float:
 LR_FACTORS = (1.0, 4.0, 16.0)  # the learning-rate grid: these multiples of the paper's rate for the head count
 
 
+FULL_EXTRA = 4.0  # the full model's grid goes one step further: FULL_EXTRA x its largest factor
+
+
 def lr_grid(mask: torch.Tensor | None, factors=LR_FACTORS) -> list[float]:
-    """The learning rates every edit at this head count is trained with; the lowest validation loss wins."""
-    return [default_lr(mask) * f for f in factors]
+    """The learning rates every edit at this head count is trained with; the lowest validation loss wins.
+    The full model also tries FULL_EXTRA times the largest rate: its b' lives in model space (eq. 4.1), where
+    one AdamW step of a given size moves the edit less than at heads, whose W_h b_h multiplies each step by the
+    head's o_proj singular values; a full model left slower than a head set can fail the full-model check
+    (experiments.full_model_check) without being worse, only less trained."""
+    lrs = [default_lr(mask) * f for f in factors]
+    return lrs + [lrs[-1] * FULL_EXTRA] if mask is None else lrs
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:

@@ -570,16 +570,42 @@ class Judge:
         questions, answers = [str(q) for q in questions], [str(a) for a in answers]
         if len(questions) != len(answers):
             raise ValueError(f"Judge.score: {len(questions)} questions but {len(answers)} answers")
-        if not questions:
-            return torch.zeros(0)
-        feats = frozen_pass(self.model, self.tokenizer, questions, answers, {self.kind: self.meta["layout"]},
-                            self.head.k, self.head.top, progress=len(questions) > 500,
-                            refs=self.refs)[self.kind]
-        return torch.sigmoid(head_logits(self.head, feats, list(range(len(questions))), batch_size))  # [N]
+        return score_together([self], questions, answers, batch_size)[0]
 
     def __repr__(self) -> str:
         v = self.meta.get("validation", {}).get("random_lines", {})
         return f"Judge({self.kind}, backbone={self.meta.get('backbone')}, held-out acc={v.get('accuracy')})"
+
+
+def score_together(judges: list, questions: list[str], answers: list[str], batch_size: int = 32
+                   ) -> list[torch.Tensor]:
+    """Each judge's [N] scores of the same (question, answer) lines. editloc judges that share a backbone, its
+    frozen layers and the references they read share one frozen pass (the kinds' inputs differ only in their
+    last tokens, see `frozen_pass`); any other judge scores on its own."""
+    questions, answers = [str(q) for q in questions], [str(a) for a in answers]
+    if len(questions) != len(answers):
+        raise ValueError(f"judge scores: {len(questions)} questions but {len(answers)} answers")
+    if not questions:
+        return [torch.zeros(0) for _ in judges]
+    groups: dict[tuple, list[int]] = defaultdict(list)  # judges that can share a frozen pass -> their indices
+    for i, j in enumerate(judges):
+        groups[(id(j.model), j.head.k, j.head.top, id(j.refs)) if isinstance(j, Judge) else ("own", i)].append(i)
+    out: list = [None] * len(judges)
+    for key, idx in groups.items():
+        if key[0] == "own":
+            out[idx[0]] = judges[idx[0]].score(questions, answers)
+            continue
+        js = [judges[i] for i in idx]
+        layouts = {j.kind: j.meta["layout"] for j in js}
+        if len(layouts) < len(js):  # two judges of one kind: the frozen pass keys its features by kind
+            for i in idx:
+                out[i] = score_together([judges[i]], questions, answers, batch_size)[0]
+            continue
+        feats = frozen_pass(js[0].model, js[0].tokenizer, questions, answers, layouts, js[0].head.k,
+                            js[0].head.top, progress=len(questions) > 500, refs=js[0].refs)
+        for i, j in zip(idx, js):
+            out[i] = torch.sigmoid(head_logits(j.head, feats[j.kind], list(range(len(questions))), batch_size))  # [N]
+    return out
 
 
 class ExternalJudge:

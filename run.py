@@ -527,6 +527,22 @@ def check_run_dir(d: Path, cfg: RunConfig) -> bool:
     return bool(work)
 
 
+def check_lr_grid(d: Path, cfg: RunConfig, res: dict) -> None:
+    """A finished IPO run must have been trained on the learning-rate grid the current rule gives its head count
+    (ipo.lr_grid): a run trained on another grid is not the optimum the comparisons assume."""
+    import ipo
+
+    if cfg.lr or not res.get("ipo"):
+        return
+    mask = None if cfg.full_model else torch.ones(len(res["heads"]), dtype=torch.bool)  # only the count matters
+    want = sorted(ipo.lr_grid(mask, cfg.lr_factors))
+    got = sorted(g["lr"] for g in res["ipo"]["selection"]["grid"])
+    if len(want) != len(got) or not np.allclose(want, got, rtol=1e-6, atol=0):
+        raise UserError(f"{d}: trained on the learning rates {', '.join(f'{x:g}' for x in got)}, but the current "
+                        f"rule gives {', '.join(f'{x:g}' for x in want)} (ipo.lr_grid); move the directory away to "
+                        "train this edit again")
+
+
 def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | None = None) -> dict:
     """Do (or resume) one run; returns its results.json content."""
     import ipo
@@ -538,8 +554,10 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
     done = d / "results.json"
     if check_run_dir(d, cfg):
         if done.exists():
+            res = json.loads(done.read_text())
+            check_lr_grid(d, cfg, res)
             log(f"{d}: finished already (results.json); nothing to do")
-            return json.loads(done.read_text())
+            return res
         log(f"{d}: resuming")
     if out_root.exists() and not out_root.is_dir():
         raise UserError(f"--out {out_root}: not a directory")

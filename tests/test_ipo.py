@@ -96,6 +96,7 @@ def test_schedule_and_default_learning_rates():
     assert ipo.default_lr(first(2)) == ipo.default_lr(first(16)) == 5e-4
     assert ipo.default_lr(first(17)) == ipo.default_lr(first(270)) == 1e-4
     assert ipo.lr_grid(first(1)) == [2e-3 * f for f in ipo.LR_FACTORS] and ipo.lr_grid(None)[0] == 1e-4
+    assert ipo.lr_grid(None, (16.0,)) == [1.6e-3, 1.6e-3 * ipo.FULL_EXTRA]  # the full model goes one step further
 
 
 def test_delta_follows_eq_4_1_and_4_3(model):

@@ -129,6 +129,29 @@ def test_judge_scores_in_unit_interval(tiny):
         j.score(["a", "b"], ["c"])
 
 
+def test_two_judges_share_one_frozen_pass(tiny, monkeypatch):
+    _, model, tok = tiny
+    yes, no = judge.yes_no_ids(tok)
+    js = []
+    for kind, end, seed in (("truth", "True:", 0), ("info", "Helpful:", 1)):
+        head = judge.JudgeHead(model, 1, 3, yes, no)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # two different heads
+        js.append(judge.Judge(kind, head, model, tok, {"layout": f"Q: {{question}}\nA: {{answer}}\n{end}"}))
+    qs, ans = ["Is it?", "Is it?", "What?", "Why not?"], ["Yes.", "", "A long answer " * 5, "No."]
+    alone = [j.score(qs, ans) for j in js]
+    calls = []
+    real = judge.frozen_pass
+    monkeypatch.setattr(judge, "frozen_pass", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    together = judge.score_together(js, qs, ans)
+    assert calls == [{"truth": js[0].meta["layout"], "info": js[1].meta["layout"]}]  # one pass, both kinds
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert not torch.allclose(together[0], together[1])  # the two heads differ, so the test can fail
+
+
 # ---- training, metadata, cache -------------------------------------------------------------------------------
 
 def test_train_save_load_and_mismatched_data(tiny, tmp_path, monkeypatch, capsys):
