@@ -446,31 +446,65 @@ def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
                                            every_position=True))  # off-target
     kl_qa = piece("kl_qa", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.qa_texts(), edit=edit))  # in-domain
     note_kept("evaluation", None)
-    per = {**({k: ti["per_question"][k] for k in ("truth", "info", "truth_score", "info_score")} if ctx.judged else {}),
-           "mc1": mc["per_question"]["mc1"], "mc2": mc["per_question"]["mc2"], "mc3": mc["per_question"]["mc3"],
+    per = {"mc1": mc["per_question"]["mc1"], "mc2": mc["per_question"]["mc2"], "mc3": mc["per_question"]["mc3"],
            "pref_acc": pref["per_question"]["pref_acc"], "pref_margin": pref["per_question"]["pref_margin"],
            "kl": kl["per_text"]["kl"], "ce": kl["per_text"]["ce"], "kl_tokens": kl["per_text"]["tokens"],
            "kl_qa": kl_qa["per_text"]["kl"], "ce_qa": kl_qa["per_text"]["ce"], "kl_qa_tokens": kl_qa["per_text"]["tokens"]}
-    figures = {}
-    for k in ("truth", "info", "truth_score", "info_score", "mc1", "mc2", "mc3", "pref_margin"):
-        if k in per:
-            figures[k] = {"value": float(np.mean(per[k])), "ci95": metrics.bootstrap_ci(per[k])}
+    figures = {k: {"value": float(np.mean(per[k])), "ci95": metrics.bootstrap_ci(per[k])}
+               for k in ("mc1", "mc2", "mc3", "pref_margin")}
     figures["pref_acc"] = {"value": pref["pref_acc"], "ci95": metrics.bootstrap_ci(per["pref_acc"])}  # over pairs
-    if ctx.judged:
-        figures["truth_info"] = {"value": figures["truth"]["value"] * figures["info"]["value"],
-                                 "ci95": metrics.bootstrap_ci_product(per["truth"], per["info"])}
     for k in ("kl", "ce"):  # token-weighted means, and intervals of the same (texts resampled)
         for sfx, r in (("", kl), ("_qa", kl_qa)):
             n = r["per_text"]["tokens"]
             figures[k + sfx] = {"value": r[k], "ci95": metrics.bootstrap_ci_ratio(
                 [v * t for v, t in zip(r["per_text"][k], n)], n)}
-    gens = [{"qid": q.qid, "question": q.question, "answer": a, "truth": t, "info": i, "truth_score": ts,
-             "info_score": is_} for q, a, t, i, ts, is_ in zip(qs, answers, per["truth"], per["info"],
-                                                                per["truth_score"], per["info_score"])] if ctx.judged else []
-    dt = time.time() - t0
-    log(f"[{label}] " + " ".join(f"{k} {figures[k]['value']:.3f}" for k in METRICS if k in figures) + f" ({dt:.0f}s)")
-    return {"label": label, "figures": figures, "per_question": per, "qids": [q.qid for q in qs],
-            "generations": gens, "n_test": len(qs), "kl_texts": len(kl["per_text"]["kl"]), "seconds": dt}
+    ev = {"label": label, "figures": figures, "per_question": per, "qids": [q.qid for q in qs], "generations": [],
+          "n_test": len(qs), "kl_texts": len(kl["per_text"]["kl"]), "judges": []}
+    if ctx.judged:
+        apply_judges(ev, qs, answers, ti, judge_ids(ctx))
+    ev["seconds"] = dt = time.time() - t0
+    log(f"[{label}] " + " ".join(f"{k} {ev['figures'][k]['value']:.3f}" for k in METRICS if k in ev["figures"])
+        + f" ({dt:.0f}s)")
+    return ev
+
+
+JUDGED = ("truth", "info", "truth_score", "info_score")  # what the judges give each answer
+
+
+def judge_ids(ctx: Context) -> list:
+    """Which judges score this context's answers: each one's data checksum and training time (an external
+    judge: its path). Saved with every evaluation, so that answers judged by other judges are judged again."""
+    return [[j.meta.get("data_sha256"), j.meta.get("created")] for j in ctx.judges] if ctx.judged else []
+
+
+def apply_judges(ev: dict, qs: list, answers: list[str], ti: dict, ids: list) -> None:
+    """Put the judges' verdicts (metrics.truth_info's `ti` on `answers`) into the evaluation `ev`: per-question
+    values, Truth, Info, their mean scores, Truth*Info (eq. of the paper: product of the two means), the
+    generations, and which judges gave them. Replaces any earlier verdicts."""
+    import metrics
+
+    judged = {k: ti["per_question"][k] for k in JUDGED}
+    ev["per_question"] = {**judged, **{k: v for k, v in ev["per_question"].items() if k not in judged}}
+    figs = {k: {"value": float(np.mean(v)), "ci95": metrics.bootstrap_ci(v)} for k, v in judged.items()}
+    figs["truth_info"] = {"value": figs["truth"]["value"] * figs["info"]["value"],
+                          "ci95": metrics.bootstrap_ci_product(judged["truth"], judged["info"])}
+    ev["figures"] = {**figs, **{k: v for k, v in ev["figures"].items() if k not in figs}}
+    ev["generations"] = [{"qid": q.qid, "question": q.question, "answer": a, **{k: judged[k][n] for k in JUDGED}}
+                         for n, (q, a) in enumerate(zip(qs, answers))]
+    ev["judges"] = ids
+
+
+def rejudge(ctx: Context, ev: dict) -> dict:
+    """An evaluation's saved answers judged again by the current judges (nothing else is recomputed)."""
+    import metrics
+
+    t = time.time()
+    qs = [ctx.by_qid[q] for q in ev["qids"]]
+    answers = [g["answer"] for g in ev["generations"]]
+    apply_judges(ev, qs, answers, metrics.truth_info(*ctx.judges, qs, answers), judge_ids(ctx))
+    log(f"[{ev['label']}] judged again by the current judges ({len(answers)} saved answers, {time.time() - t:.0f}s): "
+        + " ".join(f"{k} {ev['figures'][k]['value']:.3f}" for k in ("truth", "info", "truth_info")))
+    return ev
 
 
 # part of the base evaluation's cache key (with each judge's data and training time); bumped when the numbers
@@ -480,16 +514,18 @@ BASE_EVAL_VERSION = 5
 
 
 def base_eval(ctx: Context) -> dict:
-    """The base model's evaluation, cached across runs (keyed by everything it depends on)."""
-    judges = ctx.judges if ctx.judged else ()
+    """The base model's evaluation, cached across runs (keyed by everything it depends on but the judges: answers
+    judged by other judges are judged again, as a run's are)."""
     key = hashlib.sha256(json.dumps([BASE_EVAL_VERSION, ctx.model.source, ctx.cfg.dtype, ctx.cfg.version,
-                                     ctx.cfg.seed, [q.qid for q in ctx.test], ctx.prompts.layout_id,
-                                     [(j.meta.get("data_sha256"), j.meta.get("created")) for j in judges],
+                                     ctx.cfg.seed, [q.qid for q in ctx.test], ctx.prompts.layout_id, ctx.judged,
                                      hashlib.sha256("\n".join(ctx.kl_texts()).encode()).hexdigest()],
                                     default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "evals" / f"base-{key}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        ev = json.loads(path.read_text())
+        if ctx.judged and ev.get("judges") != judge_ids(ctx):
+            write_json(path, rejudge(ctx, ev))
+        return ev
     parts = path.with_suffix(".parts.json")
     ev = evaluate(ctx, None, "base", parts)
     write_json(path, ev)
@@ -552,17 +588,27 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
 
     d = out_root / (name or cfg.slug())
     done = d / "results.json"
+    timings = {}
+    t_all = time.time()
     if check_run_dir(d, cfg):
         if done.exists():
             res = json.loads(done.read_text())
             check_lr_grid(d, cfg, res)
-            log(f"{d}: finished already (results.json); nothing to do")
-            return res
-        log(f"{d}: resuming")
+            if cfg.pairs or not any(l != "base" for l in res["metrics"]):  # nothing judged
+                log(f"{d}: finished already (results.json); nothing to do")
+                return res
+            ctx = ctx if ctx is not None and ctx.key(ctx.cfg) == ctx.key(cfg) else Context(cfg)
+            ctx.cfg = cfg
+            if res.get("judges") == judge_ids(ctx):
+                log(f"{d}: finished already (results.json); nothing to do")
+                return res
+            log(f"{d}: finished, but its answers were judged by other judges than the current ones: judging them "
+                "again (the edit and every other figure are kept)")
+            timings = dict(res.get("timings", {}))
+        else:
+            log(f"{d}: resuming")
     if out_root.exists() and not out_root.is_dir():
         raise UserError(f"--out {out_root}: not a directory")
-    timings = {}
-    t_all = time.time()
     ctx = ctx if ctx is not None and ctx.key(ctx.cfg) == ctx.key(cfg) else Context(cfg)
     ctx.cfg = cfg  # the per-run settings (n_test, kl_text) the shared pieces read
     ctx.check_heads(cfg)
@@ -623,15 +669,20 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         p = d / f"eval_{label}.json"
         if p.exists():
             evals[label] = json.loads(p.read_text())
+            if ctx.judged and evals[label].get("judges") != judge_ids(ctx):  # judged by other judges
+                write_json(p, rejudge(ctx, evals[label]))
         else:
             evals[label] = evaluate(ctx, edit, label, d / f"eval_{label}.parts.json")
             write_json(p, evals[label])
             (d / f"eval_{label}.parts.json").unlink(missing_ok=True)
-        timings[f"eval_{label}_s"] = evals[label]["seconds"]
+        timings.setdefault(f"eval_{label}_s", evals[label]["seconds"])
 
     # audit, results, report ----------------------------------------------------------------------------------
     audits = {label: audit_edit(ctx, edit) for label, edit in edits.items()}
-    timings["total_s"] = time.time() - t_all
+    if "total_s" in timings:  # a finished run judged again: its own times stay, the re-judging's beside them
+        timings["rejudge_s"] = time.time() - t_all
+    else:
+        timings["total_s"] = time.time() - t_all
     results = {
         "config": cfg.training_dict(), "run_dir": str(d), "split": ctx.split.to_dict(),
         "heads": heads, "head_spec": cfg.heads, "head_seed": cfg.head_seed,
@@ -641,7 +692,7 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         "per_question": {label: {"qids": ev["qids"], **ev["per_question"]} for label, ev in evals.items()},
         "edits": {label: str(d / label / "edit.safetensors") for label in edits},
         "ipo": _ipo_meta(d) if "ipo" in edits else None,
-        "audit": audits, "timings": timings, "versions": versions(ctx),
+        "audit": audits, "timings": timings, "versions": versions(ctx), "judges": judge_ids(ctx),
     }
     write_atomic(d / "generations.jsonl", "".join(json.dumps({"model": label, **g}) + "\n"
                                                   for label, ev in evals.items() for g in ev["generations"]))

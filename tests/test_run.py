@@ -173,9 +173,53 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monke
     def boom(*a, **k):
         raise AssertionError("a finished run was recomputed")
 
+    import ipo
+    import metrics
+
     monkeypatch.setattr(run, "evaluate", boom)
-    monkeypatch.setattr(run, "Context", boom)
+    monkeypatch.setattr(ipo, "select_ipo", boom)
+    real_truth_info = metrics.truth_info
+    monkeypatch.setattr(metrics, "truth_info", boom)
     assert run.main(argv) == 0
+
+    # judges trained again (another training time, other heads): the saved answers are judged again, nothing
+    # else is recomputed, and the figures are the new judges' verdicts on the same answers
+    monkeypatch.setattr(metrics, "truth_info", real_truth_info)
+    real_load = judge.load_judges
+
+    def new_judges(kinds, **kw):
+        js = real_load(kinds, **kw)
+        for n, j in enumerate(js.values()):
+            torch.manual_seed(n)
+            with torch.no_grad():
+                for p in j.head.parameters():
+                    p.add_(0.5 * torch.randn_like(p))
+            j.meta["created"] = "later"
+        return js
+
+    monkeypatch.setattr(judge, "load_judges", new_judges)
+    edit_bytes = (d / "ipo" / "edit.safetensors").read_bytes()
+    assert run.main(argv) == 0
+    new = json.loads((d / "results.json").read_text())
+    assert new["judges"] != res["judges"] and all(j[1] == "later" for j in new["judges"])
+    assert (d / "ipo" / "edit.safetensors").read_bytes() == edit_bytes
+    ctx = run.Context(run.RunConfig(heads="random2", model=str(tiny_model), data=str(data), dtype="fp32"))
+    for label in ("ipo", "iti"):
+        ev = json.loads((d / f"eval_{label}.json").read_text())
+        qs = [ctx.by_qid[q] for q in ev["qids"]]
+        want = metrics.truth_info(*ctx.judges, qs, [g["answer"] for g in ev["generations"]])
+        assert ev["per_question"]["truth_score"] == pytest.approx(want["per_question"]["truth_score"], abs=1e-6)
+        assert ev["per_question"]["truth_score"] != pytest.approx(res["per_question"][label]["truth_score"], abs=1e-4)
+        assert new["metrics"][label]["truth_info"]["value"] == pytest.approx(want["truth_info"])
+        assert new["per_question"][label]["mc2"] == res["per_question"][label]["mc2"]  # kept, not recomputed
+        assert [g["answer"] for g in ev["generations"]] == [
+            g["answer"] for g in map(json.loads, (d / "generations.jsonl").read_text().splitlines())
+            if g["model"] == label]
+    assert new["timings"]["total_s"] == res["timings"]["total_s"] and "rejudge_s" in new["timings"]
+    base = json.loads(next((tmp_path / "cache" / "evals").glob("base-*.json")).read_text())  # judged again too
+    assert base["judges"] == new["judges"] and new["metrics"]["base"] == base["figures"]
+    monkeypatch.setattr(metrics, "truth_info", boom)
+    assert run.main(argv) == 0  # now judged by the current judges: nothing to do
 
     # the same name with other settings is refused
     assert run.main(argv + ["--tau", "0.3"]) == 2
