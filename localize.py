@@ -43,8 +43,11 @@ def head_str(heads) -> str:
 
 def null_sets(cand: list[tuple[int, int]], kind: str, n: int, n_layers: int, n_heads: int, seed: int = 0
               ) -> list[list[tuple[int, int]]]:
-    """The null head sets of a candidate: n uniform random sets of its size, n layer-matched sets (in each
-    candidate layer as many other heads of that layer, drawn without replacement), or the single complement."""
+    """The null head sets of a candidate: n uniform random sets of its size (randomK with head seeds 1..n, the
+    experiments' random sets, so that the edits are shared with them), n layer-matched sets (in each candidate
+    layer as many other heads of that layer, drawn without replacement), or the single complement."""
+    from experiments import random_set
+
     cs = set(cand)
     all_heads = [(l, h) for l in range(n_layers) for h in range(n_heads)]
     if kind == "complement":
@@ -56,7 +59,7 @@ def null_sets(cand: list[tuple[int, int]], kind: str, n: int, n_layers: int, n_h
     for i in range(n):
         rng = random.Random(f"null:{kind}:{seed}:{i}")
         if kind == "random":
-            out.append(sorted(rng.sample(all_heads, len(cand))))
+            out.append(sorted(random_set(i + 1, n_layers, n_heads, k=len(cand))))
         elif kind == "layer-matched":
             s = []
             for l in sorted({l for l, _ in cand}):
@@ -91,13 +94,16 @@ def grad_heads(model, tokenizer, pairs, prompts, k: int, tau: float = 0.1, seed:
     return sorted((i // c.n_heads, i % c.n_heads) for i in order), score
 
 
-def localize_runs(base: RunConfig, cand: list[tuple[int, int]], nulls: list[list[tuple[int, int]]], null: str
-                  ) -> list[tuple[str, RunConfig]]:
-    """(name, config) of every edit: the candidate, each null set, the full model; all IPO at base's settings."""
+def localize_runs(base: RunConfig, cand: list[tuple[int, int]], nulls: list[list[tuple[int, int]]], null: str,
+                  cand_spec: str | None = None) -> list[tuple[str, RunConfig]]:
+    """(role, config) of every edit: the candidate, each null set, the full model; all IPO at base's settings.
+    The candidate keeps its spec (cand_spec, e.g. probe16) and random nulls are randomK with their head seed, so
+    that these are the very runs of an experiment with the same settings (runs are found by config.slug())."""
     b = replace(base, method="ipo")
-    return ([("candidate", replace(b, heads=head_str(cand)))]
-            + [(f"{null}-{i + 1}", replace(b, heads=head_str(s))) for i, s in enumerate(nulls)]
-            + [("full", replace(b, heads="full"))])
+    nul = [replace(b, heads=f"random{len(s)}", head_seed=i + 1) if null == "random" else replace(b, heads=head_str(s))
+           for i, s in enumerate(nulls)]
+    return ([("candidate", replace(b, heads=cand_spec or head_str(cand)))]
+            + [(f"{null}-{i + 1}", c) for i, c in enumerate(nul)] + [("full", replace(b, heads="full"))])
 
 
 def _measure(res: dict) -> tuple[str, list[str], Callable]:
@@ -153,7 +159,9 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
              f"| edit | heads | {what} | " + " | ".join(cols) + " | converged |", "|---" * (4 + len(cols)) + "|"]
     for name, c in runs:
         m = res[name]["metrics"]["ipo"]
-        lines.append(f"| {name} | {c.heads if len(c.heads) < 60 else str(len(res[name]['heads'])) + ' heads'} | "
+        hs = (f"{c.heads}, head seed {c.head_seed}" if c.heads.startswith("random") else c.heads if len(c.heads) < 60
+              else f"{len(res[name]['heads'])} heads")
+        lines.append(f"| {name} | {hs} | "
                      f"{val[name]:.3f} | " + " | ".join(f"{m[k]['value']:.3f}" for k in cols)
                      + f" | {'yes' if conv[name] else '**NO**'} |")
     lines += ["", f"- Rank: {n_ge} of {n} null sets reach the candidate's {what} (point values).",
@@ -212,6 +220,9 @@ def cmd_localize(argv: list[str]) -> int:
     p.add_argument("--n", type=int, default=8, help="null sets (default 8; complement: always 1)")
     p.add_argument("--shard", default="0/1", help="i/n: do only the edits with index %% n == i (default 0/1)")
     p.add_argument("--margin", type=float, default=stats.MARGIN, help=f"equivalence margin (default {stats.MARGIN:g})")
+    p.add_argument("--runs", default=None, metavar="DIR",
+                   help="where the edits are kept, each under its run name (default: the report's directory); an "
+                        "experiment's directory (runs/exp-default) shares the edits it trained with the same settings")
     argv = list(argv)
     m = re.fullmatch(r"grad(\d+)", _flag(argv, "--heads") or "")
     if m:  # gradK is resolved below, once the model is loaded; the run parser sees a placeholder
@@ -249,19 +260,20 @@ def cmd_localize(argv: list[str]) -> int:
         spec = a.heads
         cand = [tuple(x) for x in ctx.mask(base).nonzero().tolist()]
     nulls = null_sets(cand, a.null, a.n, c.n_layers, c.n_heads, base.seed)
-    runs = localize_runs(base, cand, nulls, a.null)
+    runs = localize_runs(base, cand, nulls, a.null, None if m else spec)
     tag = re.sub(r"[^A-Za-z0-9.+-]", "", spec.replace(",", "+"))[:40]
     model_tag = "" if base.model == RunConfig.model else "-" + re.sub(r"[^A-Za-z0-9._-]", "", Path(base.model).name)[:40]
     pairs_tag = "" if not base.pairs else "-" + re.sub(r"[^A-Za-z0-9._-]", "", Path(base.pairs).stem)[:40]
     out = Path(a.out) / f"localize-{tag}-{a.null}-s{base.seed}{pairs_tag}{model_tag}"
+    keep = Path(a.runs) if a.runs else out
     mine = [r for k_, r in enumerate(runs) if k_ % sn == si]
     log(f"localize {spec} ({len(cand)} heads: {head_str(cand)}) against {len(nulls)} {a.null} null set(s) and the full "
         f"model: {len(runs)} edits, shard {si}/{sn} does {len(mine)}")
     for k_, (name, rc) in enumerate(mine):
         log(f"--- edit {k_ + 1}/{len(mine)}: {name} ({len(rc.heads.split(',')) if rc.heads != 'full' else 'all'} heads)")
-        run(rc, out, name, ctx)
-    done = {name: json.loads((out / name / "results.json").read_text()) for name, _ in runs
-            if (out / name / "results.json").exists()}
+        run(rc, keep, rc.slug(), ctx)
+    done = {name: json.loads((keep / rc.slug() / "results.json").read_text()) for name, rc in runs
+            if (keep / rc.slug() / "results.json").exists()}
     if len(done) < len(runs):
         log(f"{len(done)}/{len(runs)} edits finished; the verdict is drawn once every shard is done")
         return 0

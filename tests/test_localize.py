@@ -2,7 +2,9 @@
 the verdict says "special" exactly when the candidate beats its nulls."""
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +18,9 @@ def test_null_sets():
     cand = [(0, 1), (0, 2), (3, 0)]
     r = lz.null_sets(cand, "random", 5, 4, 3, seed=0)
     assert len(r) == 5 and all(len(s) == len(set(s)) == 3 for s in r) and r == lz.null_sets(cand, "random", 5, 4, 3)
+    import experiments
+
+    assert r == [sorted(experiments.random_set(i + 1, 4, 3, k=3)) for i in range(5)]  # the experiments' sets
     m = lz.null_sets(cand, "layer-matched", 4, 4, 5, seed=0)
     for s in m:  # same layers, same count per layer, none of the candidate's heads
         assert sorted(l for l, _ in s) == [0, 0, 3] and not set(s) & set(cand)
@@ -25,6 +30,22 @@ def test_null_sets():
         lz.null_sets([(0, 0), (0, 1), (0, 2)], "layer-matched", 1, 4, 3)
     with pytest.raises(run.UserError, match="complement is empty"):
         lz.null_sets([(l, h) for l in range(2) for h in range(2)], "complement", 1, 2, 2)
+
+
+def test_localize_shares_the_edits_of_an_experiment():
+    """localize --heads probe16 at the default settings is the ipo-random experiment's probe16, random16 (head
+    seeds 1..n) and full-model runs, config for config and name for name, so --runs runs/exp-default reuses them."""
+    import experiments
+
+    p = argparse.ArgumentParser()
+    run.add_run_args(p)
+    base = run.config_from_args(p.parse_args(["--heads", "probe16", "--dtype", "fp32"]))
+    exp = dict(experiments.experiment_runs("ipo-random", replace(base, heads="random16"), experiments.SIZES["default"]))
+    cand = experiments.random_set(99, 30, 9)  # stands for probe16's heads: only the spec enters the config
+    runs = lz.localize_runs(base, cand, lz.null_sets(cand, "random", 4, 30, 9), "random", "probe16")
+    assert len(runs) == 6
+    for role, c in runs:
+        assert c.slug() in exp and exp[c.slug()].training_dict() == c.training_dict(), role
 
 
 def plant(path, planted):
@@ -132,7 +153,7 @@ def test_localize_finds_a_planted_localization_and_not_a_fake_one(tmp_path, monk
     v, d = _localize(tmp_path, model, "1.2", "complement", 1, tmp_path / "out-a")
     assert v["measure"] == "pref_acc" and v["values"]["candidate"] > v["values"]["complement-1"] + 0.2
     assert v["permutation"]["p"] < 0.05 and "beats the complement null" in v["verdict"]
-    assert (d / "report.md").exists() and (d / "candidate" / "results.json").exists()
+    assert (d / "report.md").exists() and (d / "ipo-1.2-s0-t0.02-p-tiny" / "results.json").exists()  # by run name
     # an ordinary tiny model: any head set does as well, and the candidate is not declared special
     model = _tiny(tmp_path / "b")
     v, _ = _localize(tmp_path, model, "1.2", "random", 3, tmp_path / "out-b")
