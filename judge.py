@@ -695,25 +695,25 @@ def _splits(questions: list[str], frac: float, seed: int) -> tuple[list[int], li
 
 def train_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = BACKBONE, out: dict | None = None,
                  seed: int = 0, model: Llama | None = None, tokenizer=None,
-                 threads: int | None = None) -> dict[str, Judge]:
+                 threads: int | None = None, unseen_questions: bool = True) -> dict[str, Judge]:
     """Train judges of several kinds on one shared frozen pass (the lines' answer tokens are computed once).
 
     For each kind: (1) fit on 90% of the unique lines, report accuracy on the random 10% held out;
-    (2) fit with 10% of the questions held out, report accuracy on their lines; (3) fit on all lines, save
-    head.safetensors + meta.json (backbone, data sha256, recipe, validation figures) to `out[kind]` or
-    `judge_dir(...)`. `model`/`tokenizer` override loading the backbone (tests use tiny ones). `threads`:
+    (2) with `unseen_questions`, fit again with 10% of the questions held out, for the accuracy on their lines
+    alone (that judge is not kept); save the judge of (1), head.safetensors + meta.json (backbone, data sha256,
+    recipe, validation figures) to `out[kind]` or `judge_dir(...)`. `model`/`tokenizer` override loading the backbone (tests use tiny ones). `threads`:
     torch threads while training (None keeps the current setting, all cores by default; on a 2-core machine
     shared with another busy process, 1 is faster)."""
     saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train_judges(tuple(kinds), data, version, backbone, out, seed, model, tokenizer)
+        return _train_judges(tuple(kinds), data, version, backbone, out, seed, model, tokenizer, unseen_questions)
     finally:
         torch.set_num_threads(saved)
 
 
-def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -> dict[str, Judge]:
+def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer, unseen_questions) -> dict[str, Judge]:
     bad = [k_ for k_ in kinds if k_ not in KINDS]
     if bad or not kinds:
         raise ValueError(f"judge kinds {kinds}: expected some of {KINDS}")
@@ -774,9 +774,10 @@ def _train_judges(kinds, data, version, backbone, out, seed, model, tokenizer) -
             head = JudgeHead(model, recipe["k"], recipe["top"], yes_id, no_id)
             head.load_state_dict(load_file(str(final / "head.safetensors")))
             return head, json.loads((final / "meta.json").read_text())
-        # (1) question-disjoint: a fit for its figure only; (2) random lines: the judge itself, so its figure is
-        # the accuracy of the very judge the runs use (GPT-judge saw every line; the 10% held out cost it little)
-        for name, held in (("question_disjoint", held_qs), ("random_lines", held_lines)):
+        # question-disjoint (asked for): a fit for its figure only; random lines: the judge itself, so its figure
+        # is the accuracy of the very judge the runs use (GPT-judge saw every line; the 10% held out cost it little)
+        fits = [("question_disjoint", held_qs)] if unseen_questions else []
+        for name, held in fits + [("random_lines", held_lines)]:
             done = work / f"{kind}-{name}.json"  # the question-disjoint fit finished before an interrupt
             if done.exists():
                 validation[name] = json.loads(done.read_text())
@@ -874,12 +875,14 @@ def check_judge(path: Path, kind: str, sha: str, backbone: str, refs_sha: str | 
 
 def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = BACKBONE,
                 train_if_missing: bool = True, force: bool = False, model: Llama | None = None,
-                tokenizer=None) -> dict[str, Judge]:
+                tokenizer=None, unseen_questions: bool = False) -> dict[str, Judge]:
     """The cached judges of these kinds for this backbone and data (the files' sha256). Kinds that are missing
     or do not match (or all, with `force`) are first trained together, sharing one frozen pass (with a
     message saying why).
     `model`/`tokenizer`: an already loaded backbone to share (the unedited backbone; it is used only when it
-    has the recipe's dtype, as the heads were trained on features in that dtype)."""
+    has the recipe's dtype, as the heads were trained on features in that dtype). `unseen_questions`: also
+    measure the question-disjoint hold-out (a second fit per kind; `judge.py train` does, a run that finds no
+    judge does not wait for it)."""
     from safetensors.torch import load_file
 
     bad = [k for k in kinds if k not in KINDS]
@@ -899,11 +902,12 @@ def load_judges(kinds=KINDS, *, data=None, version: str = "v0", backbone: str = 
                 flags = (f" --backbone {backbone}" if str(backbone) != BACKBONE else "") + (
                     f" --data {data}" if data is not None else "") + (f" --version {version}" if version != "v0" else "")
                 raise FileNotFoundError(f"{why}; train it with: python judge.py train --kind {kind}{flags}")
-            _log(f"judge {kind}: training ({why})")
+            _log(f"judge {kind}: training ({why})" + ("" if unseen_questions else "; the accuracy on unseen "
+                 "questions is not measured (a second fit): `python judge.py train --force` measures it"))
             todo.append(kind)
     model, tokenizer = _load_backbone(backbone, model, tokenizer)  # once, for training and loading alike
-    judges = train_judges(todo, data=data, version=version, backbone=backbone, model=model,
-                          tokenizer=tokenizer) if todo else {}
+    judges = train_judges(todo, data=data, version=version, backbone=backbone, model=model, tokenizer=tokenizer,
+                          unseen_questions=unseen_questions) if todo else {}
     for kind in kinds:
         if kind in judges:
             continue
@@ -983,7 +987,7 @@ def main(argv=None) -> int:
         if args.cmd == "train":
             kinds = KINDS if args.kind == "both" else (args.kind,)
             judges = load_judges(kinds, data=args.data, version=args.version, backbone=args.backbone,
-                                 force=args.force)
+                                 force=args.force, unseen_questions=True)
             for kind, j in judges.items():
                 print(json.dumps({"kind": kind, "validation": j.meta["validation"],
                                   "train_seconds": j.meta["train_seconds"], "created": j.meta["created"]}))

@@ -199,6 +199,14 @@ def test_train_save_load_and_mismatched_data(tiny, tmp_path, monkeypatch, capsys
     shutil.copytree(judge.judge_dir("truth", judges["truth"].meta["data_sha256"], str(path)), d)
     with pytest.raises(FileNotFoundError, match="trained on data with sha256"):
         judge.load_judge("truth", data=data, backbone=str(path), train_if_missing=False, model=model, tokenizer=tok)
+    # a run that finds no usable judge trains it without the question-disjoint fit (a figure, not a judge): the
+    # same judge and random-line figure as `judge.py train`, which measures both
+    fast = judge.load_judge("truth", data=data, backbone=str(path), model=model, tokenizer=tok)
+    full = judge.train_judges(("truth",), data=data, backbone=str(path), model=model, tokenizer=tok,
+                              out={"truth": tmp_path / "full"})["truth"]
+    assert set(fast.meta["validation"]) == {"random_lines"} and "question_disjoint" in full.meta["validation"]
+    assert fast.meta["validation"]["random_lines"] == full.meta["validation"]["random_lines"]
+    assert all(torch.equal(a, b) for a, b in zip(fast.head.state_dict().values(), full.head.state_dict().values()))
 
 
 def test_kinds_side_by_side_equal_one_at_a_time(tiny, tmp_path, monkeypatch):
