@@ -589,11 +589,12 @@ def score_together(judges: list, questions: list[str], answers: list[str], batch
         return [torch.zeros(0) for _ in judges]
     groups: dict[tuple, list[int]] = defaultdict(list)  # judges that can share a frozen pass -> their indices
     for i, j in enumerate(judges):
-        groups[(id(j.model), j.head.k, j.head.top, id(j.refs)) if isinstance(j, Judge) else ("own", i)].append(i)
+        groups[(id(j.model), j.head.k, j.head.top, refs_sha256(j.refs)) if isinstance(j, Judge) else ("own", i)
+               ].append(i)
     out: list = [None] * len(judges)
     for key, idx in groups.items():
         if key[0] == "own":
-            out[idx[0]] = judges[idx[0]].score(questions, answers)
+            out[idx[0]] = judges[idx[0]].score(questions, answers, batch_size=batch_size)
             continue
         js = [judges[i] for i in idx]
         layouts = {j.kind: j.meta["layout"] for j in js}

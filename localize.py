@@ -44,7 +44,7 @@ def head_str(heads) -> str:
 def null_sets(cand: list[tuple[int, int]], kind: str, n: int, n_layers: int, n_heads: int, seed: int = 0
               ) -> list[list[tuple[int, int]]]:
     """The null head sets of a candidate: n uniform random sets of its size (randomK with head seeds 1..n, the
-    experiments' random sets, so that the edits are shared with them), n layer-matched sets (in each candidate
+    experiments' random sets, so that the edits are shared with them; `seed` does not change them), n layer-matched sets (in each candidate
     layer as many other heads of that layer, drawn without replacement), or the single complement."""
     from experiments import random_set
 
@@ -270,7 +270,9 @@ def cmd_localize(argv: list[str]) -> int:
     log(f"localize {spec} ({len(cand)} heads: {head_str(cand)}) against {len(nulls)} {a.null} null set(s) and the full "
         f"model: {len(runs)} edits, shard {si}/{sn} does {len(mine)}")
     for k_, (name, rc) in enumerate(mine):
-        log(f"--- edit {k_ + 1}/{len(mine)}: {name} ({len(rc.heads.split(',')) if rc.heads != 'full' else 'all'} heads)")
+        hs = rc.heads if len(rc.heads) < 60 else f"{rc.heads.count(',') + 1} heads"
+        log(f"--- edit {k_ + 1}/{len(mine)}: {name} ({hs}"
+            + (f", head seed {rc.head_seed})" if rc.heads.startswith("random") else ")"))
         run(rc, keep, rc.slug(), ctx)
     done = {name: json.loads((keep / rc.slug() / "results.json").read_text()) for name, rc in runs
             if (keep / rc.slug() / "results.json").exists()}

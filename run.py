@@ -147,8 +147,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="IPO learning rate, or a grid to select from by validation loss (default: --lr-factors)")
     p.add_argument("--lr-factors", type=_positive_list, default=d.lr_factors,
                    help="the learning-rate grid as multiples of the paper's rate for the head count (2e-3 one head, "
-                        f"5e-4 sixteen, 1e-4 full); default {d.lr_factors[0]:g}, the multiple the selection chose at "
-                        f"every head count measured; experiments at --paper size select from {grid}")
+                        f"5e-4 sixteen, 1e-4 full; the full model also tries 4x the largest); default "
+                        f"{d.lr_factors[0]:g}, the multiple the selection chose at every head count measured; "
+                        f"experiments at --paper size select from {grid}")
     p.add_argument("--lora-scale", type=_positive, default=d.scale, help="LoRA scaling lora_alpha / r (default 1)")
     p.add_argument("--epochs", type=_pos_int, default=None,
                    help=f"IPO step budget in epochs (default {d.epochs}; paper 2); training stops sooner once converged")
@@ -439,7 +440,10 @@ def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
 
     if ctx.judged:
         answers = piece("answers", lambda: metrics.generate_answers(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
-        ti = piece("truth_info", lambda: metrics.truth_info(*ctx.judges, qs, answers))
+        ids = judge_ids(ctx)
+        if have.get("truth_info", {}).get("judges", ids) != ids:  # saved before the judges changed: judged again
+            del have["truth_info"]
+        ti = piece("truth_info", lambda: {**metrics.truth_info(*ctx.judges, qs, answers), "judges": ids})
     mc = piece("mc", lambda: metrics.mc_scores(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
     pref = piece("pref", lambda: metrics.preference(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
     kl = piece("kl", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.kl_texts(), edit=edit,
@@ -507,7 +511,7 @@ def rejudge(ctx: Context, ev: dict) -> dict:
     return ev
 
 
-# part of the base evaluation's cache key (with each judge's data and training time); bumped when the numbers
+# part of the base evaluation's cache key (the judges are not: see base_eval); bumped when the numbers
 # an unchanged model gives change (2: fp32 generation through oneDNN's kernel, llama.linear; 3: KL on the
 # neutral text and KL_qa; 4: per-text token counts, token-weighted KL/CE intervals; 5: preference accuracy)
 BASE_EVAL_VERSION = 5
@@ -518,6 +522,7 @@ def base_eval(ctx: Context) -> dict:
     judged by other judges are judged again, as a run's are)."""
     key = hashlib.sha256(json.dumps([BASE_EVAL_VERSION, ctx.model.source, ctx.cfg.dtype, ctx.cfg.version,
                                      ctx.cfg.seed, [q.qid for q in ctx.test], ctx.prompts.layout_id, ctx.judged,
+                                     ctx.cfg.judge_model,
                                      hashlib.sha256("\n".join(ctx.kl_texts()).encode()).hexdigest()],
                                     default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "evals" / f"base-{key}.json"
@@ -568,11 +573,12 @@ def check_lr_grid(d: Path, cfg: RunConfig, res: dict) -> None:
     (ipo.lr_grid): a run trained on another grid is not the optimum the comparisons assume."""
     import ipo
 
-    if cfg.lr or not res.get("ipo"):
+    grid = ((res or {}).get("ipo") or {}).get("selection", {}).get("grid")
+    if cfg.lr or not grid:
         return
     mask = None if cfg.full_model else torch.ones(len(res["heads"]), dtype=torch.bool)  # only the count matters
     want = sorted(ipo.lr_grid(mask, cfg.lr_factors))
-    got = sorted(g["lr"] for g in res["ipo"]["selection"]["grid"])
+    got = sorted(g["lr"] for g in grid)
     if len(want) != len(got) or not np.allclose(want, got, rtol=1e-6, atol=0):
         raise UserError(f"{d}: trained on the learning rates {', '.join(f'{x:g}' for x in got)}, but the current "
                         f"rule gives {', '.join(f'{x:g}' for x in want)} (ipo.lr_grid); move the directory away to "
@@ -588,13 +594,13 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
 
     d = out_root / (name or cfg.slug())
     done = d / "results.json"
-    timings = {}
+    timings, prior = {}, None  # prior: the results of a finished run whose answers are judged again
     t_all = time.time()
     if check_run_dir(d, cfg):
         if done.exists():
             res = json.loads(done.read_text())
             check_lr_grid(d, cfg, res)
-            if cfg.pairs or not any(l != "base" for l in res["metrics"]):  # nothing judged
+            if cfg.pairs:  # nothing judged
                 log(f"{d}: finished already (results.json); nothing to do")
                 return res
             ctx = ctx if ctx is not None and ctx.key(ctx.cfg) == ctx.key(cfg) else Context(cfg)
@@ -604,7 +610,7 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
                 return res
             log(f"{d}: finished, but its answers were judged by other judges than the current ones: judging them "
                 "again (the edit and every other figure are kept)")
-            timings = dict(res.get("timings", {}))
+            prior = res
         else:
             log(f"{d}: resuming")
     if out_root.exists() and not out_root.is_dir():
@@ -636,6 +642,7 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         t = time.time()
         path = d / "ipo" / "edit.safetensors"
         if path.exists():
+            check_lr_grid(d, cfg, {"ipo": _ipo_meta(d), "heads": probe.head_list(mask) if mask is not None else []})
             edits["ipo"] = ipo.Rank1Edit.load(path).to(ctx.model.device)
         else:
             rng = random.Random(cfg.seed)
@@ -675,14 +682,15 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
             evals[label] = evaluate(ctx, edit, label, d / f"eval_{label}.parts.json")
             write_json(p, evals[label])
             (d / f"eval_{label}.parts.json").unlink(missing_ok=True)
-        timings.setdefault(f"eval_{label}_s", evals[label]["seconds"])
+        timings[f"eval_{label}_s"] = evals[label]["seconds"]
 
     # audit, results, report ----------------------------------------------------------------------------------
     audits = {label: audit_edit(ctx, edit) for label, edit in edits.items()}
-    if "total_s" in timings:  # a finished run judged again: its own times stay, the re-judging's beside them
-        timings["rejudge_s"] = time.time() - t_all
-    else:
-        timings["total_s"] = time.time() - t_all
+    timings["total_s"] = time.time() - t_all
+    vers = versions(ctx)
+    if prior:  # a finished run judged again: its own times and versions stay, the re-judging's beside them
+        timings = {**prior.get("timings", {}), "rejudge_s": timings["total_s"]}
+        vers = {**prior.get("versions", {}), **{k: vers[k] for k in ("judges", "judge_models")}}
     results = {
         "config": cfg.training_dict(), "run_dir": str(d), "split": ctx.split.to_dict(),
         "heads": heads, "head_spec": cfg.heads, "head_seed": cfg.head_seed,
@@ -692,7 +700,7 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         "per_question": {label: {"qids": ev["qids"], **ev["per_question"]} for label, ev in evals.items()},
         "edits": {label: str(d / label / "edit.safetensors") for label in edits},
         "ipo": _ipo_meta(d) if "ipo" in edits else None,
-        "audit": audits, "timings": timings, "versions": versions(ctx), "judges": judge_ids(ctx),
+        "audit": audits, "timings": timings, "versions": vers, "judges": judge_ids(ctx),
     }
     write_atomic(d / "generations.jsonl", "".join(json.dumps({"model": label, **g}) + "\n"
                                                   for label, ev in evals.items() for g in ev["generations"]))

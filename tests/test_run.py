@@ -415,7 +415,8 @@ def test_evaluation_resumes_piece_by_piece(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "preference", piece("pref", {"pref_acc": 0.5, "pref_margin": 0.1, "per_question": {
         "pref_acc": [1.0, 0.0, 1.0, 0.0], "pref_margin": [0.3, -0.1, 0.2, 0.0]}}))
     monkeypatch.setattr(metrics, "kl_ce", piece("kl", kl))
-    ctx = types.SimpleNamespace(test=qs, model=None, tok=None, prompts=None, judges=(None, None), judged=True,
+    judges = tuple(types.SimpleNamespace(meta={"data_sha256": k, "created": "first"}) for k in ("truth", "info"))
+    ctx = types.SimpleNamespace(test=qs, model=None, tok=None, prompts=None, judges=judges, judged=True,
                                 kl_texts=lambda: ["x"], qa_texts=lambda: ["y"])
     stop_at = [None]
     whole = run.evaluate(ctx, None, "ipo")
@@ -430,6 +431,16 @@ def test_evaluation_resumes_piece_by_piece(tmp_path, monkeypatch):
     again = run.evaluate(ctx, None, "ipo", parts)
     assert calls == ["mc", "pref", "kl", "kl"]  # kl_ce twice: the neutral text and the questions
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+    assert again["judges"] == [["truth", "first"], ["info", "first"]]
+    # interrupted after the judging, then the judges are trained again: the saved verdicts are not reused
+    parts.unlink()
+    stop_at[0], calls[:] = "mc", []
+    with pytest.raises(KeyboardInterrupt):
+        run.evaluate(ctx, None, "ipo", parts)
+    judges[0].meta["created"] = "later"
+    stop_at[0], calls[:] = None, []
+    again = run.evaluate(ctx, None, "ipo", parts)
+    assert calls == ["truth_info", "mc", "pref", "kl", "kl"] and again["judges"][0] == ["truth", "later"]
 
 
 def test_tiny_run_with_an_external_judge(tmp_path, tiny_model, monkeypatch):
@@ -444,3 +455,18 @@ def test_tiny_run_with_an_external_judge(tmp_path, tiny_model, monkeypatch):
     res = json.loads((tmp_path / "runs" / "x" / "results.json").read_text())
     assert res["versions"]["judge_models"] == {"truth": str(tiny_model), "info": str(tiny_model)}
     assert 0 <= res["metrics"]["iti"]["truth_score"]["value"] <= 1
+
+
+def test_a_run_trained_on_another_learning_rate_grid_is_refused(tmp_path):
+    """A finished (or trained, then interrupted) full-model run from before the full model's grid went one step
+    further is not the optimum the comparisons assume: refused with one line, not reused."""
+    cfg = run.RunConfig(heads="full")
+    old = {"heads": [], "ipo": {"selection": {"grid": [{"lr": 1.6e-3}]}}}
+    with pytest.raises(run.UserError, match="trained on the learning rates 0.0016, but the current rule gives "
+                                             "0.0016, 0.0064"):
+        run.check_lr_grid(tmp_path, cfg, old)
+    run.check_lr_grid(tmp_path, cfg, {"heads": [], "ipo": {"selection": {"grid": [{"lr": 6.4e-3}, {"lr": 1.6e-3}]}}})
+    heads16 = {"heads": [f"0.{i}" for i in range(16)], "ipo": {"selection": {"grid": [{"lr": 8e-3}]}}}
+    run.check_lr_grid(tmp_path, run.RunConfig(heads="random16"), heads16)  # a head set: the grid as it was
+    run.check_lr_grid(tmp_path, run.RunConfig(heads="full", lr=[1e-3]), old)  # rates given by hand: not checked
+    run.check_lr_grid(tmp_path, cfg, {"heads": [], "ipo": None})  # nothing trained
