@@ -126,7 +126,8 @@ def preference(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit
     """The judge-free measure of a behaviour on held-out preference pairs (every chosen x rejected answer pair
     of each question): the margin log p(chosen | x) - log p(rejected | x) (per-token mean log-probs, as IPO
     trains them) and the preference accuracy, the fraction of pairs with a positive margin. Returns
-    "pref_acc", "pref_margin" (means over pairs) and per-question means ("per_question")."""
+    "pref_acc", "pref_margin" (means over pairs), per-question means ("per_question") and every pair's margin
+    ("pairs": qid and margin lists; with the base model's, the held-out IPO loss of an edit, eq. 3.3)."""
     import ipo
     import truthfulqa
 
@@ -139,7 +140,8 @@ def preference(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit
     per = [by_q.get(q.qid, [float("nan")]) for q in questions]
     return {"pref_acc": float(np.mean([v > 0 for v in m])), "pref_margin": float(np.mean(m)),
             "per_question": {"pref_acc": [float(np.mean([v > 0 for v in x])) for x in per],
-                             "pref_margin": [float(np.mean(x)) for x in per]}}
+                             "pref_margin": [float(np.mean(x)) for x in per]},
+            "pairs": {"qid": [p.qid for p in pairs], "margin": m}}
 
 
 def mc_scores(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit | None = None,

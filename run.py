@@ -463,7 +463,7 @@ def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
             figures[k + sfx] = {"value": r[k], "ci95": metrics.bootstrap_ci_ratio(
                 [v * t for v, t in zip(r["per_text"][k], n)], n)}
     ev = {"label": label, "figures": figures, "per_question": per, "qids": [q.qid for q in qs], "generations": [],
-          "n_test": len(qs), "kl_texts": len(kl["per_text"]["kl"]), "judges": []}
+          "n_test": len(qs), "kl_texts": len(kl["per_text"]["kl"]), "judges": [], "pairs": pref["pairs"]}
     if ctx.judged:
         apply_judges(ev, qs, answers, ti, judge_ids(ctx))
     ev["seconds"] = dt = time.time() - t0
@@ -498,6 +498,23 @@ def apply_judges(ev: dict, qs: list, answers: list[str], ti: dict, ids: list) ->
     ev["judges"] = ids
 
 
+def refresh(ctx: Context, ev: dict, edit) -> bool:
+    """Bring a saved evaluation up to date without redoing it: answers judged by other judges than the current
+    ones are judged again, and every test pair's preference margin (saved since 2026-11-30) is computed with
+    `edit` when missing. True when `ev` changed."""
+    import metrics
+
+    changed = False
+    if ctx.judged and ev.get("judges") != judge_ids(ctx):
+        rejudge(ctx, ev)
+        changed = True
+    if "pairs" not in ev:
+        ev["pairs"] = metrics.preference(ctx.model, ctx.tok, ctx.prompts, [ctx.by_qid[q] for q in ev["qids"]],
+                                         edit=edit)["pairs"]
+        changed = True
+    return changed
+
+
 def rejudge(ctx: Context, ev: dict) -> dict:
     """An evaluation's saved answers judged again by the current judges (nothing else is recomputed)."""
     import metrics
@@ -528,8 +545,8 @@ def base_eval(ctx: Context) -> dict:
     path = cache_dir() / "evals" / f"base-{key}.json"
     if path.exists():
         ev = json.loads(path.read_text())
-        if ctx.judged and ev.get("judges") != judge_ids(ctx):
-            write_json(path, rejudge(ctx, ev))
+        if refresh(ctx, ev, None):
+            write_json(path, ev)
         return ev
     parts = path.with_suffix(".parts.json")
     ev = evaluate(ctx, None, "base", parts)
@@ -600,16 +617,17 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         if done.exists():
             res = json.loads(done.read_text())
             check_lr_grid(d, cfg, res)
-            if cfg.pairs:  # nothing judged
+            if "pairs" in res and cfg.pairs:  # up to date, and nothing judged
                 log(f"{d}: finished already (results.json); nothing to do")
                 return res
             ctx = ctx if ctx is not None and ctx.key(ctx.cfg) == ctx.key(cfg) else Context(cfg)
             ctx.cfg = cfg
-            if res.get("judges") == judge_ids(ctx):
+            if "pairs" in res and res.get("judges") == judge_ids(ctx):
                 log(f"{d}: finished already (results.json); nothing to do")
                 return res
-            log(f"{d}: finished, but its answers were judged by other judges than the current ones: judging them "
-                "again (the edit and every other figure are kept)")
+            log(f"{d}: finished, but " + ("its answers were judged by other judges than the current ones"
+                                          if "pairs" in res else "saved before the per-pair margins")
+                + ": bringing it up to date (the edit and every other figure are kept)")
             prior = res
         else:
             log(f"{d}: resuming")
@@ -676,8 +694,8 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         p = d / f"eval_{label}.json"
         if p.exists():
             evals[label] = json.loads(p.read_text())
-            if ctx.judged and evals[label].get("judges") != judge_ids(ctx):  # judged by other judges
-                write_json(p, rejudge(ctx, evals[label]))
+            if refresh(ctx, evals[label], edit):  # judged by other judges, or saved before the pair margins
+                write_json(p, evals[label])
         else:
             evals[label] = evaluate(ctx, edit, label, d / f"eval_{label}.parts.json")
             write_json(p, evals[label])
@@ -701,6 +719,7 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         "edits": {label: str(d / label / "edit.safetensors") for label in edits},
         "ipo": _ipo_meta(d) if "ipo" in edits else None,
         "audit": audits, "timings": timings, "versions": vers, "judges": judge_ids(ctx),
+        "pairs": {label: ev["pairs"] for label, ev in evals.items()},  # every test pair's margin, base included
     }
     write_atomic(d / "generations.jsonl", "".join(json.dumps({"model": label, **g}) + "\n"
                                                   for label, ev in evals.items() for g in ev["generations"]))

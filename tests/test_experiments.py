@@ -168,3 +168,47 @@ def test_partial_report_names_the_missing_runs(tmp_path):
     text = ex.experiment_report("ipo-random", have, res, tmp_path, missing=[r for r, _ in runs if "-r1-" in r]).read_text()
     assert "**PARTIAL**" in text and "ipo-full-s0-r1-t0.1" in text and "No edit here was trained with several seeds" in text
     assert json.loads((tmp_path / "table.json").read_text())["summary"].startswith("ipo-random: PARTIAL (6 of 8 runs)")
+
+
+def _with_pairs(res: dict, runs, h_mean: dict, tau_of: dict, n_pairs: int = 3, seed: int = 1) -> dict:
+    """Give each fabricated run per-pair test margins: the base model's at random, the edit's the base's plus a
+    gain h ~ N(h_mean[heads], 1) per pair (the IPO loss per pair is (h - 1 / (2 tau))^2)."""
+    rng = np.random.default_rng(seed)
+    for r, c in runs:
+        qids = res[r]["per_question"]["ipo"]["qids"]
+        q = [x for x in qids for _ in range(n_pairs)]
+        base = rng.normal(0, 1, len(q))
+        gain = rng.normal(h_mean[c.heads], 1, len(q))
+        res[r]["pairs"] = {"base": {"qid": q, "margin": base.tolist()}, "ipo": {"qid": q, "margin": (base + gain).tolist()}}
+    return res
+
+
+def test_heldout_ipo_loss_is_the_ipo_loss_of_each_questions_test_pairs():
+    qids = [7, 3]
+    r = {"per_question": {"ipo": {"qids": qids}},
+         "pairs": {"base": {"qid": [3, 7, 7, 3], "margin": [0.5, -1.0, 0.0, 2.0]},
+                   "ipo": {"qid": [3, 7, 7, 3], "margin": [4.0, 2.0, 6.0, 2.5]}}}
+    got = ex.heldout_ipo_loss(r, "ipo", tau=0.1)  # 1 / (2 tau) = 5; h = edit - base per pair
+    want = [np.mean([(3.0 - 5) ** 2, (6.0 - 5) ** 2]), np.mean([(3.5 - 5) ** 2, (0.5 - 5) ** 2])]
+    assert got == pytest.approx(want)
+    assert ex.heldout_ipo_loss({"per_question": r["per_question"]}, "ipo", 0.1) is None  # saved before the margins
+
+
+def test_full_model_check_tests_the_heldout_loss_not_the_validation_minimum(tmp_path):
+    """With per-pair margins the check is a paired test of the held-out IPO loss: a full model worse on held-out
+    pairs fails although its validation minimum is the lowest, and one as good passes although its validation
+    minimum is not."""
+    size = dict(ex.SIZES["quick"], n_random=2, train_seeds=())
+    runs = ex.experiment_runs("ipo-random", run.RunConfig(), size)
+    val = {"full": 18.0, "probe16": 20.0, "random16": 20.0}
+    res = _with_pairs(fabricate(runs, val=val), runs, {"full": 3.0, "probe16": 4.5, "random16": 4.5}, {})
+    text = ex.experiment_report("ipo-random", runs, res, tmp_path / "x").read_text()
+    t = json.loads((tmp_path / "x" / "table.json").read_text())
+    assert len(t["full_model_check"]) == 3 and "held-out IPO loss" in t["full_model_check"][0]
+    assert "**FAILED** (3)" in text and all(c["p_holm"] < 0.05 and c["diff"] > 0 for c in t["full_model_comparisons"])
+    val = {"full": 25.0, "probe16": 20.0, "random16": 20.0}
+    res = _with_pairs(fabricate(runs, val=val), runs, {"full": 5.0, "probe16": 4.0, "random16": 4.0}, {})
+    text = ex.experiment_report("ipo-random", runs, res, tmp_path / "y").read_text()
+    t = json.loads((tmp_path / "y" / "table.json").read_text())
+    assert t["full_model_check"] == [] and "It holds for every edit." in text
+    assert all(c["diff"] < 0 for c in t["full_model_comparisons"]) and "| 25.000 / 20.000 |" in text

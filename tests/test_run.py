@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,6 +222,19 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, tiny_model, stub_judges, monke
     monkeypatch.setattr(metrics, "truth_info", boom)
     assert run.main(argv) == 0  # now judged by the current judges: nothing to do
 
+    # a run saved before the per-pair margins: they are computed with its edit, nothing else is
+    for f in (d / "eval_iti.json", d / "results.json"):
+        x = json.loads(f.read_text())
+        x.pop("pairs")
+        f.write_text(json.dumps(x))
+    assert run.main(argv) == 0
+    new = json.loads((d / "results.json").read_text())
+    for label in ("base", "ipo", "iti"):  # each question's pair margins average to its saved pref_margin
+        p, pq = new["pairs"][label], new["per_question"][label]
+        for q, m in zip(pq["qids"], pq["pref_margin"]):
+            assert np.mean([v for qq, v in zip(p["qid"], p["margin"]) if qq == q]) == pytest.approx(m, abs=1e-5)
+    assert new["pairs"]["iti"] != new["pairs"]["base"]
+
     # the same name with other settings is refused
     assert run.main(argv + ["--tau", "0.3"]) == 2
 
@@ -413,7 +427,8 @@ def test_evaluation_resumes_piece_by_piece(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "mc_scores", piece("mc", {"per_question": {"mc1": [1.0, 0.0, 0.0, 1.0],
                                                                             "mc2": [0.5] * 4, "mc3": [0.25] * 4}}))
     monkeypatch.setattr(metrics, "preference", piece("pref", {"pref_acc": 0.5, "pref_margin": 0.1, "per_question": {
-        "pref_acc": [1.0, 0.0, 1.0, 0.0], "pref_margin": [0.3, -0.1, 0.2, 0.0]}}))
+        "pref_acc": [1.0, 0.0, 1.0, 0.0], "pref_margin": [0.3, -0.1, 0.2, 0.0]},
+        "pairs": {"qid": [0, 1, 2, 3], "margin": [0.3, -0.1, 0.2, 0.0]}}))
     monkeypatch.setattr(metrics, "kl_ce", piece("kl", kl))
     judges = tuple(types.SimpleNamespace(meta={"data_sha256": k, "created": "first"}) for k in ("truth", "info"))
     ctx = types.SimpleNamespace(test=qs, model=None, tok=None, prompts=None, judges=judges, judged=True,
