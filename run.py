@@ -444,6 +444,8 @@ def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
         if have.get("truth_info", {}).get("judges", ids) != ids:  # saved before the judges changed: judged again
             del have["truth_info"]
         ti = piece("truth_info", lambda: {**metrics.truth_info(*ctx.judges, qs, answers), "judges": ids})
+    if "pairs" not in have.get("pref", {"pairs": None}):  # saved by an older editloc, without the pair margins
+        del have["pref"]
     mc = piece("mc", lambda: metrics.mc_scores(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
     pref = piece("pref", lambda: metrics.preference(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
     kl = piece("kl", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.kl_texts(), edit=edit,
