@@ -127,8 +127,9 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
     null_names = [name for name, _ in runs if name not in ("candidate", "full")]
     cand = val["candidate"]
     n_ge = sum(val[n] >= cand for n in null_names)
-    perm = stats.permutation_test(np.stack([x["candidate"][None]] + [x[n][None] for n in null_names]),
-                                  stats.localized_gap(stat), n_perm=10_000)
+    arms = np.stack([x["candidate"][None]] + [x[n][None] for n in null_names])  # [1 + nulls, 1, N, C]
+    perm = stats.permutation_test(arms, stats.localized_gap(stat), n_perm=10_000)
+    two = stats.two_level_bootstrap(arms, stat, n_boot=10_000)  # null sets, then questions, resampled
     eq_nulls = [{"null": n, **stats.tost(val[n] - cand, stats.bootstrap_se(x[n], x["candidate"], stat), margin)}
                 for n in null_names]
     for e, p in zip(eq_nulls, stats.holm([e["p"] for e in eq_nulls])):
@@ -137,13 +138,22 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
     n_eq = sum(e["p_holm"] < 0.05 for e in eq_nulls)
     n = len(null_names)
     conv = {name: (res[name].get("ipo") or {}).get("converged") for name, _ in runs}
-    # the verdict, in words
-    if perm["p"] < 0.05:
+    # the verdict, in words: beating these null sets (permutation) and a null set drawn like them (two levels)
+    null_mean = float(np.mean([val[m] for m in null_names]))
+    if perm["p"] < 0.05 and (two["p"] < 0.05 or n < 2):
         v = (f"The candidate ({cand_spec}) beats the {null} null: {what} {cand:.3f} against {n - n_ge} of {n} null "
-             f"sets below it (paired permutation test over test questions, p = {perm['p']:.2g}). Optimal edits "
+             f"sets below it (paired permutation test over test questions, p = {perm['p']:.2g}"
+             + (f"; two-level bootstrap over null sets and questions, p = {two['p']:.2g}" if n > 1 else "")
+             + "). Optimal edits "
              f"elsewhere do worse, so edit success here is evidence that these heads matter for the behaviour"
              + (" (and that the rest of the model cannot stand in for them)." if null == "complement" else
                 f"; {n_eq} of {n} null sets are nonetheless shown as good within {margin:g}."))
+    elif perm["p"] < 0.05:
+        v = (f"The candidate ({cand_spec}) beats these {n} {null} head sets on average ({what} {cand:.3f} against "
+             f"their mean {null_mean:.3f}; paired permutation test over test questions, p = {perm['p']:.2g}), but not "
+             f"a {null} head set drawn like them: {n_ge} of {n} do as well or better, and with the spread between "
+             f"sets counted (two-level bootstrap over null sets and questions) p = {two['p']:.2g}. Edit success at "
+             "these heads is no evidence that they localize the behaviour (more null sets would sharpen this).")
     else:
         v = (f"{n_ge} of {n} {null} head sets do as well as the candidate ({cand_spec}) or better on {what} "
              f"({cand:.3f}; permutation p = {perm['p']:.2g}; {n_eq} of {n} shown equivalent within {margin:g}, "
@@ -168,6 +178,9 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
               f"- Better than the nulls: paired permutation test (unit: test question; labels of the candidate and the "
               f"{n} null edits permuted per question; {perm['n_perm']} permutations): gap {perm['stat']:+.3f}, "
               f"p = {perm['p']:.2g}.",
+              f"- Better than a null set drawn like these: two-level bootstrap (the {n} null sets resampled, then the "
+              f"test questions; {two['n_boot']} replicates): gap {two['stat']:+.3f}, 95% interval "
+              f"[{two['ci95'][0]:+.3f}, {two['ci95'][1]:+.3f}], p = {two['p']:.2g}.",
               f"- As good as the candidate: TOST within {margin:g} (`--margin`) on the paired bootstrap over questions, "
               f"Holm across the {n} null sets: " + ", ".join(f"{e['null']} {e['diff']:+.3f} (p {e['p_holm']:.2g})"
                                                              for e in eq_nulls) + ".", ""]
@@ -176,7 +189,7 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
     pic = _picture(runs, res, val, what, d, cand_spec, null)
     lines += [f"![null distribution]({pic.name})"] if pic else ["(matplotlib is not installed: no picture)"]
     out = {"candidate": cand_spec, "null": null, "measure": key, "values": val, "rank": n_ge, "n_null": n,
-           "permutation": perm, "equivalent_nulls": eq_nulls, "vs_full": eq_full, "verdict": v,
+           "permutation": perm, "two_level": two, "equivalent_nulls": eq_nulls, "vs_full": eq_full, "verdict": v,
            "converged": conv, **({"extra": extra} if extra else {})}
     write_json(d / "verdict.json", out)
     write_atomic(d / "report.md", "\n".join(lines) + "\n")

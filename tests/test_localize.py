@@ -107,6 +107,16 @@ def test_verdicts(tmp_path, judged):
     assert v["permutation"]["p"] > 0.05 and "no evidence that they localize" in v["verdict"]
     text = (tmp_path / "b" / "report.md").read_text()
     assert "| candidate |" in text and "| full |" in text and "Holm" in text
+    # above the nulls' mean, but one null set of four is better and they spread widely: better than these sets
+    # (permutation) yet not than a set drawn like them (two-level bootstrap), and the verdict says which
+    runs, res = fabricate(4, 0.6, 0.5, 0.6, n=400, seed=2, judged=judged)
+    rng = np.random.default_rng(3)
+    for name, p in zip(["random-1", "random-2", "random-3", "random-4"], [0.25, 0.45, 0.5, 0.75]):
+        k = "truth" if judged else "pref_acc"
+        res[name]["per_question"]["ipo"][k] = (rng.random(400) < p).astype(float).tolist()
+    v = lz.localize_report(runs, res, tmp_path / "c", "probe1", "random")
+    assert v["permutation"]["p"] < 0.05 and v["two_level"]["p"] > 0.05 and v["rank"] == 1
+    assert "beats these 4 random head sets on average" in v["verdict"] and "no evidence" in v["verdict"]
 
 
 # ---------------------------------------------------------------------------------------------------------

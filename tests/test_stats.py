@@ -31,6 +31,30 @@ def test_permutation_p_is_uniform_without_effect_and_small_with_one():
     assert min(strong) == pytest.approx(1 / 1000)
 
 
+def test_two_level_bootstrap_counts_the_spread_between_head_sets():
+    """Arm 0 at 0.6 truth; four random sets at 0.25, 0.45, 0.5 and 0.75: better than their mean by question
+    resampling alone (the permutation test), but a random set drawn is often better (one of four here), so the
+    two-level bootstrap does not call it better. Against four sets all at 0.3 both do; arms alike: neither."""
+    rng = np.random.default_rng(1)
+    N = 400
+
+    def arms(p_arms):
+        prob = np.ones((len(p_arms), 1, N, 2))
+        prob[:, 0, :, 0] = np.array(p_arms)[:, None]
+        return (rng.random(prob.shape) < prob).astype(float)
+
+    gap = stats.localized_gap(stats.truth_info)
+    spread = arms([0.6, 0.25, 0.45, 0.5, 0.75])
+    assert stats.permutation_test(spread, gap, n_perm=999)["p"] < 0.01
+    two = stats.two_level_bootstrap(spread, stats.truth_info, n_boot=2000)
+    assert two["p"] > 0.1 and two["ci95"][0] < 0 < two["ci95"][1]
+    assert two["stat"] == pytest.approx(float(gap(spread)))
+    low = stats.two_level_bootstrap(arms([0.6, 0.3, 0.3, 0.3, 0.3]), stats.truth_info, n_boot=2000)
+    assert low["p"] < 0.001 and low["ci95"][0] > 0.2
+    same = [stats.two_level_bootstrap(arms([0.5] * 5), stats.truth_info, n_boot=500, seed=i)["p"] for i in range(20)]
+    assert np.mean(same) > 0.25 and min(same) > 0.01
+
+
 def test_permutation_test_of_a_single_channel_and_two_arms():
     rng = np.random.default_rng(1)
     x = rng.random((2, 1, 80, 1))
