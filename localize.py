@@ -145,7 +145,7 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
              f"sets below it (paired permutation test over test questions, p = {perm['p']:.2g}"
              + (f"; two-level bootstrap over null sets and questions, p = {two['p']:.2g}" if n > 1 else "")
              + "). Optimal edits "
-             f"elsewhere do worse, so edit success here is evidence that these heads matter for the behaviour"
+             "elsewhere do worse, so edit success here is evidence that these heads matter for the behaviour"
              + (" (and that the rest of the model cannot stand in for them)." if null == "complement" else
                 f"; {n_eq} of {n} null sets are nonetheless shown as good within {margin:g}."))
     elif perm["p"] < 0.05:
