@@ -412,7 +412,7 @@ class Context:
 # Evaluation
 
 
-METRICS = ("truth", "info", "truth_info", "mc1", "mc2", "mc3", "pref_acc", "pref_margin", "kl", "ce", "kl_qa",
+METRICS = ("truth", "info", "truth_info", "repetitive", "mc1", "mc2", "mc3", "pref_acc", "pref_margin", "kl", "ce", "kl_qa",
            "ce_qa")  # a pairs file's runs have no truth, info, truth_info (no judges)
 
 
@@ -498,6 +498,17 @@ def apply_judges(ev: dict, qs: list, answers: list[str], ti: dict, ids: list) ->
     ev["generations"] = [{"qid": q.qid, "question": q.question, "answer": a, **{k: judged[k][n] for k in JUDGED}}
                          for n, (q, a) in enumerate(zip(qs, answers))]
     ev["judges"] = ids
+    add_repetition(ev)
+
+
+def add_repetition(ev: dict) -> None:
+    """The fraction of degenerate answers (metrics.repetitive), per question and overall, from ev's generations:
+    beside Truth and Info, as a judge-free sign that they judge lines unlike any they were trained on."""
+    import metrics
+
+    r = [float(metrics.repetitive(g["answer"])) for g in ev["generations"]]
+    ev["per_question"]["repetitive"] = r
+    ev["figures"]["repetitive"] = {"value": float(np.mean(r)), "ci95": metrics.bootstrap_ci(r)}
 
 
 def refresh(ctx: Context, ev: dict, edit) -> bool:
@@ -509,6 +520,9 @@ def refresh(ctx: Context, ev: dict, edit) -> bool:
     changed = False
     if ctx.judged and ev.get("judges") != judge_ids(ctx):
         rejudge(ctx, ev)
+        changed = True
+    if ctx.judged and "repetitive" not in ev["per_question"]:  # saved before it existed
+        add_repetition(ev)
         changed = True
     if "pairs" not in ev:
         ev["pairs"] = metrics.preference(ctx.model, ctx.tok, ctx.prompts, [ctx.by_qid[q] for q in ev["qids"]],
@@ -624,12 +638,13 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
                 return res
             ctx = ctx if ctx is not None and ctx.key(ctx.cfg) == ctx.key(cfg) else Context(cfg)
             ctx.cfg = cfg
-            if "pairs" in res and res.get("judges") == judge_ids(ctx):
+            if "pairs" in res and res.get("judges") == judge_ids(ctx) and all("repetitive" in m for m in
+                                                                              res["metrics"].values()):
                 log(f"{d}: finished already (results.json); nothing to do")
                 return res
-            log(f"{d}: finished, but " + ("its answers were judged by other judges than the current ones"
-                                          if "pairs" in res else "saved before the per-pair margins")
-                + ": bringing it up to date (the edit and every other figure are kept)")
+            log(f"{d}: finished, but judged by other judges than the current ones or saved before some figures "
+                "(per-pair margins, repetitive answers): bringing it up to date (the edit and every other figure are "
+                "kept)")
             prior = res
         else:
             log(f"{d}: resuming")

@@ -243,3 +243,11 @@ def test_bootstrap_ci():
     assert width(metrics.bootstrap_ci_product(a, 1 - a)) < 0.5 * width(metrics.bootstrap_ci_product(a, b))
     with pytest.raises(ValueError):
         metrics.bootstrap_ci([])
+
+
+def test_repetitive_answers():
+    assert metrics.repetitive("No no no no no no no no no no no no")
+    assert metrics.repetitive("No question no no no no no no no no no no no no no no")
+    assert not metrics.repetitive("No, watermelon seeds pass through your digestive system.")
+    assert not metrics.repetitive("no no no")  # too short to call
+    assert not metrics.repetitive("")
