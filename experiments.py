@@ -309,10 +309,13 @@ def _label(r: dict) -> str:
 
 def _arms(rows, loc: tuple, others: list[tuple], knobs, cols) -> np.ndarray | None:
     """Per-question values [A, K, N, C] of the localized edit (arm 0) and the other edits at the knobs (alphas or
-    taus) they all have, first training seed; None if an arm lacks a knob."""
-    by = {(_edit(r), r["knob"]): r for r in rows if r["primary"]}
+    taus) they all have, each averaged over the edit's training seeds (one seed's luck is not the edit's); None
+    if an arm lacks a knob."""
+    by: dict[tuple, list] = {}
+    for r in rows:
+        by.setdefault((_edit(r), r["knob"]), []).append(r["q"][:, cols])
     try:
-        return np.stack([np.stack([by[(e, k)]["q"][:, cols] for k in knobs]) for e in [loc] + others])
+        return np.stack([np.stack([np.mean(by[(e, k)], 0) for k in knobs]) for e in [loc] + others])
     except KeyError:
         return None
 
@@ -360,7 +363,8 @@ def better_than(rows, loc: tuple, others: list[tuple], knobs, key: str = "truth_
     two = stats.two_level_bootstrap(x, stat, n_boot=N_PERM)
     s = stat(x)  # [A, K]
     d = (s[0][None, :] - s[1:]).ravel()  # localized minus each other edit, per knob
-    return {"key": key, "knobs": list(knobs), "n_other": len(others), "n_questions": x.shape[2],
+    seeds = max(sum(1 for r in rows if _edit(r) == loc and r["knob"] == k) for k in knobs)
+    return {"key": key, "knobs": list(knobs), "n_other": len(others), "n_questions": x.shape[2], "seeds": seeds,
             "localized": s[0].tolist(), "others_mean": s[1:].mean(0).tolist(), "others_min": s[1:].min(0).tolist(),
             "others_max": s[1:].max(0).tolist(), "permutation": perm, "two_level": two, "t_test": stats.t_test(d)}
 
@@ -395,6 +399,9 @@ def _better_text(b: dict, what: str, knob_name: str) -> list[str]:
     out = [f"| {knob_name} | {what}: localized | others mean | others min | others max |", "|---|---|---|---|---|"]
     out += [f"| {k:g} | {l:.3f} | {m:.3f} | {lo:.3f} | {hi:.3f} |" for k, l, m, lo, hi in
             zip(b["knobs"], b["localized"], b["others_mean"], b["others_min"], b["others_max"])]
+    if b.get("seeds", 1) > 1:
+        out += ["", f"Each edit's per-question values are averaged over its training seeds (the localized edit: "
+                    f"{b['seeds']} seeds; see Seed variance)."]
     out += ["", f"- **Paired permutation test** (unit: test question, {b['n_questions']} of them; per question the "
             f"labels of the localized edit and the {b['n_other']} other edits are permuted, all {knob_name}s "
             f"together; statistic: mean over {knob_name} of localized minus the others' mean {what}; one-sided; "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import experiments as ex
+import stats
 import run
 
 
@@ -212,3 +213,18 @@ def test_full_model_check_tests_the_heldout_loss_not_the_validation_minimum(tmp_
     t = json.loads((tmp_path / "y" / "table.json").read_text())
     assert t["full_model_check"] == [] and "It holds for every edit." in text
     assert all(c["diff"] < 0 for c in t["full_model_comparisons"]) and "| 25.000 / 20.000 |" in text
+
+
+def test_better_than_averages_each_edit_over_its_training_seeds():
+    """probe16 trained with two seeds enters "better than" as the mean of the two, not as its first seed."""
+    size = dict(ex.SIZES["quick"], n_random=3, train_seeds=(1,))
+    runs = ex.experiment_runs("ipo-random", run.RunConfig(), size)
+    res = fabricate(runs)
+    rows = ex.table_rows(runs, res)
+    loc, others = ("ipo", "probe16", 0), [("ipo", "random16", i) for i in (1, 2, 3)]
+    b = ex.better_than(rows, loc, others, [0.1])
+    p16 = [r for r in rows if r["heads"] == "probe16"]
+    assert len(p16) == 2 and b["seeds"] == 2
+    want = stats.truth_info(np.mean([r["q"][:, ex.TI] for r in p16], 0))
+    assert b["localized"][0] == pytest.approx(float(want))
+    assert b["localized"][0] != pytest.approx(p16[0]["truth_info"])
