@@ -16,7 +16,8 @@ from the " yes" / " no" unembeddings (with top = L the untrained head is exactly
 keys/values of layers k..top-1 plus the last token's residual entering layer k; both kinds share it, as
 their inputs differ only in the last word) serves every epoch and both fits:
 
-  1. question-disjoint hold-out: 10% of the questions held out -> accuracy, balanced accuracy on unseen questions
+  1. question-disjoint hold-out (`judge.py train`; a run that finds no judge skips it): 10% of the questions
+     held out -> accuracy, balanced accuracy on unseen questions; this fit is not kept
   2. the judge used by runs: trained with 10% of the lines held out -> its own accuracy, balanced accuracy
      (GPT-judge saw every line; lines equal up to case, punctuation and spacing are one line, so a held-out
      line has no near-copy in training)
