@@ -511,24 +511,28 @@ def add_repetition(ev: dict) -> None:
     ev["figures"]["repetitive"] = {"value": float(np.mean(r)), "ci95": metrics.bootstrap_ci(r)}
 
 
+def stale(ctx: Context, ev: dict) -> list[str]:
+    """What a saved evaluation lacks against the current code and judges (empty: up to date)."""
+    return ([k for k, bad in (("judges", ev.get("judges") != judge_ids(ctx)),
+                              ("repetitive", "repetitive" not in ev["per_question"])) if bad] if ctx.judged else []
+            ) + (["pairs"] if "pairs" not in ev else [])
+
+
 def refresh(ctx: Context, ev: dict, edit) -> bool:
-    """Bring a saved evaluation up to date without redoing it: answers judged by other judges than the current
-    ones are judged again, and every test pair's preference margin (saved since 2026-11-30) is computed with
-    `edit` when missing. True when `ev` changed."""
+    """Bring a saved evaluation up to date without redoing it (see `stale`): answers judged by other judges than
+    the current ones are judged again, the repetitive answers counted, and every test pair's preference margin
+    (saved since 2026-11-30) computed with `edit`. True when `ev` changed."""
     import metrics
 
-    changed = False
-    if ctx.judged and ev.get("judges") != judge_ids(ctx):
-        rejudge(ctx, ev)
-        changed = True
-    if ctx.judged and "repetitive" not in ev["per_question"]:  # saved before it existed
+    todo = stale(ctx, ev)
+    if "judges" in todo:
+        rejudge(ctx, ev)  # counts the repetitive answers too
+    elif "repetitive" in todo:
         add_repetition(ev)
-        changed = True
-    if "pairs" not in ev:
+    if "pairs" in todo:
         ev["pairs"] = metrics.preference(ctx.model, ctx.tok, ctx.prompts, [ctx.by_qid[q] for q in ev["qids"]],
                                          edit=edit)["pairs"]
-        changed = True
-    return changed
+    return bool(todo)
 
 
 def rejudge(ctx: Context, ev: dict) -> dict:
@@ -633,13 +637,13 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         if done.exists():
             res = json.loads(done.read_text())
             check_lr_grid(d, cfg, res)
-            if "pairs" in res and cfg.pairs:  # up to date, and nothing judged
+            evs = [json.loads(p.read_text()) for p in sorted(d.glob("eval_*.json")) if ".parts" not in p.name]
+            if cfg.pairs and all("pairs" in ev for ev in evs):  # up to date, and nothing judged
                 log(f"{d}: finished already (results.json); nothing to do")
                 return res
             ctx = ctx if ctx is not None and ctx.key(ctx.cfg) == ctx.key(cfg) else Context(cfg)
             ctx.cfg = cfg
-            if "pairs" in res and res.get("judges") == judge_ids(ctx) and all("repetitive" in m for m in
-                                                                              res["metrics"].values()):
+            if not any(stale(ctx, ev) for ev in evs):
                 log(f"{d}: finished already (results.json); nothing to do")
                 return res
             log(f"{d}: finished, but judged by other judges than the current ones or saved before some figures "
