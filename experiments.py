@@ -743,6 +743,10 @@ def figures(name: str, rows: list[dict], tests: dict, d: Path, margin: float, ba
             lo, hi = r["ci"]["truth_info"]
             ax[1].errorbar([k], [r["truth_info"]], yerr=[[r["truth_info"] - lo], [hi - r["truth_info"]]], fmt="o",
                            c=_color(r), mfc="none" if r["converged"] is False else _color(r))
+            extra = [x for x in rows if not x["primary"] and _edit(x) == _edit(r) and x["tau"] == t0]
+            ax[1].scatter([k + 0.25] * len(extra), [x["truth_info"] for x in extra], marker="x", c=_color(r),
+                          label="other training seeds" if extra and not any(
+                              "seeds" in h for h in ax[1].get_legend_handles_labels()[1]) else None)
         eqd = {(t["edit"], t["ref"]): t for t in tests.get("equivalence", [])}
         ax[1].set_xticks(range(len(es)), [_label(r)[4:] + (" *" if eqd.get((_label(r), "IPO full"), {}).get(
             "p_holm", 1) < 0.05 else "") for r in es], rotation=60, ha="right", fontsize=7)
