@@ -4,6 +4,7 @@
     python run.py localize --heads grad16 --null layer-matched       # heads picked by IPO gradient, same layers
     python run.py localize --heads 14.1,19.2 --null complement       # is anything outside these heads needed?
     python run.py localize --heads probe16 --pairs FILE.jsonl        # any behaviour as preference pairs
+    python run.py localize --heads probe16 --train-seeds 2           # candidate and full model over 2 seeds
 
 A localization claim backed by an edit means something only if optimal edits elsewhere do worse. The command
 trains the optimal edit (run.py's IPO run: the same learning-rate rule, stopping rule and budget for every
@@ -95,15 +96,23 @@ def grad_heads(model, tokenizer, pairs, prompts, k: int, tau: float = 0.1, seed:
 
 
 def localize_runs(base: RunConfig, cand: list[tuple[int, int]], nulls: list[list[tuple[int, int]]], null: str,
-                  cand_spec: str | None = None) -> list[tuple[str, RunConfig]]:
+                  cand_spec: str | None = None, train_seeds: int = 1) -> list[tuple[str, RunConfig]]:
     """(role, config) of every edit: the candidate, each null set, the full model; all IPO at base's settings.
     The candidate keeps its spec (cand_spec, e.g. probe16) and random nulls are randomK with their head seed, so
-    that these are the very runs of an experiment with the same settings (runs are found by config.slug())."""
+    that these are the very runs of an experiment with the same settings (runs are found by config.slug()).
+    train_seeds > 1: the candidate and the full model also trained with training seeds base.seed + 1, ... (roles
+    "candidate r1", "full r1", ...; the experiments' extra seeds of their key edits)."""
     b = replace(base, method="ipo")
     nul = [replace(b, heads=f"random{len(s)}", head_seed=i + 1) if null == "random" else replace(b, heads=head_str(s))
            for i, s in enumerate(nulls)]
-    return ([("candidate", replace(b, heads=cand_spec or head_str(cand)))]
-            + [(f"{null}-{i + 1}", c) for i, c in enumerate(nul)] + [("full", replace(b, heads="full"))])
+    key = [("candidate", replace(b, heads=cand_spec or head_str(cand))), ("full", replace(b, heads="full"))]
+    return ([key[0]] + [(f"{null}-{i + 1}", c) for i, c in enumerate(nul)] + [key[1]]
+            + [(f"{role} r{j}", replace(c, train_seed=base.seed + j)) for j in range(1, train_seeds) for role, c in key])
+
+
+def role(name: str) -> str:
+    """The edit a run belongs to ("candidate r1" -> "candidate"): its training seeds are averaged."""
+    return name.split(" ")[0]
 
 
 def _measure(res: dict) -> tuple[str, list[str], Callable]:
@@ -121,20 +130,27 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
     d.mkdir(parents=True, exist_ok=True)
     key, chans, stat = _measure(res["candidate"])
     what = {"truth_info": "Truth*Info", "pref_acc": "held-out preference accuracy"}[key]
-    x = {name: np.array([res[name]["per_question"]["ipo"][c] for c in chans], dtype=np.float64).T  # [N, C]
-         for name, _ in runs}
-    val = {name: float(stat(x[name])) for name in x}
-    null_names = [name for name, _ in runs if name not in ("candidate", "full")]
+    per_run = {name: np.array([res[name]["per_question"]["ipo"][c] for c in chans], dtype=np.float64).T  # [N, C]
+               for name, _ in runs}
+    seeds = {}  # edit -> its runs (training seeds)
+    for name, _ in runs:
+        seeds.setdefault(role(name), []).append(name)
+    x = {e: np.mean([per_run[n] for n in ns], 0) for e, ns in seeds.items()}  # [N, C], averaged over seeds
+    val = {e: float(stat(x[e])) for e in x}
+    # the training-seed variance of the measure (edits trained with several seeds), added to every TOST's variance
+    seed_var, seed_df = stats.seed_variance([[float(stat(per_run[n])) for n in ns] for ns in seeds.values()])
+    k = {e: len(ns) for e, ns in seeds.items()}
+    se = lambda a, b: float(np.sqrt(stats.bootstrap_se(x[a], x[b], stat) ** 2 + seed_var * (1 / k[a] + 1 / k[b])))
+    null_names = [e for e in seeds if e not in ("candidate", "full")]
     cand = val["candidate"]
     n_ge = sum(val[n] >= cand for n in null_names)
     arms = np.stack([x["candidate"][None]] + [x[n][None] for n in null_names])  # [1 + nulls, 1, N, C]
     perm = stats.permutation_test(arms, stats.localized_gap(stat), n_perm=10_000)
     two = stats.two_level_bootstrap(arms, stat, n_boot=10_000)  # null sets, then questions, resampled
-    eq_nulls = [{"null": n, **stats.tost(val[n] - cand, stats.bootstrap_se(x[n], x["candidate"], stat), margin)}
-                for n in null_names]
+    eq_nulls = [{"null": n, **stats.tost(val[n] - cand, se(n, "candidate"), margin)} for n in null_names]
     for e, p in zip(eq_nulls, stats.holm([e["p"] for e in eq_nulls])):
         e["p_holm"] = p
-    eq_full = stats.tost(cand - val["full"], stats.bootstrap_se(x["candidate"], x["full"], stat), margin)
+    eq_full = stats.tost(cand - val["full"], se("candidate", "full"), margin)
     n_eq = sum(e["p_holm"] < 0.05 for e in eq_nulls)
     n = len(null_names)
     conv = {name: (res[name].get("ipo") or {}).get("converged") for name, _ in runs}
@@ -161,18 +177,23 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
     v += (f" Against the full model ({val['full']:.3f}) the candidate is "
           + ("shown as good" if eq_full["equivalent"] else "not shown as good")
           + f" within {margin:g} (difference {cand - val['full']:+.3f}, TOST p = {eq_full['p']:.2g}).")
+    if k["candidate"] > 1:
+        v += (f" The candidate's and the full model's values are means over {k['candidate']} training seeds ("
+              + "; ".join(f"{e}: " + ", ".join(f"{stat(per_run[n]):.3f}" for n in seeds[e]) for e in ("candidate", "full"))
+              + f"); the training-seed sd, {np.sqrt(seed_var):.3f}, is in every equivalence test.")
     if any(c is False for c in conv.values()):
         v += (" WARNING: " + ", ".join(k for k, c in conv.items() if c is False) + " did not converge: their "
               "figures understate what an edit there can do.")
     cols = [k for k in METRICS if k in res["candidate"]["metrics"]["ipo"] and k != key]
     lines = [f"# localize {cand_spec} against the {null} null", "", v, "",
-             f"| edit | heads | {what} | " + " | ".join(cols) + " | converged |", "|---" * (4 + len(cols)) + "|"]
+             f"| edit | heads | train seed | {what} | " + " | ".join(cols) + " | converged |",
+             "|---" * (5 + len(cols)) + "|"]
     for name, c in runs:
         m = res[name]["metrics"]["ipo"]
         hs = (f"{c.heads}, head seed {c.head_seed}" if c.heads.startswith("random") else c.heads if len(c.heads) < 60
               else f"{len(res[name]['heads'])} heads")
-        lines.append(f"| {name} | {hs} | "
-                     f"{val[name]:.3f} | " + " | ".join(f"{m[k]['value']:.3f}" for k in cols)
+        lines.append(f"| {role(name)} | {hs} | {c.train_seed if c.train_seed is not None else c.seed} | "
+                     f"{stat(per_run[name]):.3f} | " + " | ".join(f"{m[k_]['value']:.3f}" for k_ in cols)
                      + f" | {'yes' if conv[name] else '**NO**'} |")
     lines += ["", f"- Rank: {n_ge} of {n} null sets reach the candidate's {what} (point values).",
               f"- Better than the nulls: paired permutation test (unit: test question; labels of the candidate and the "
@@ -181,14 +202,16 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
               f"- Better than a null set drawn like these: two-level bootstrap (the {n} null sets resampled, then the "
               f"test questions; {two['n_boot']} replicates): gap {two['stat']:+.3f}, 95% interval "
               f"[{two['ci95'][0]:+.3f}, {two['ci95'][1]:+.3f}], p = {two['p']:.2g}.",
-              f"- As good as the candidate: TOST within {margin:g} (`--margin`) on the paired bootstrap over questions, "
+              f"- As good as the candidate: TOST within {margin:g} (`--margin`) on the paired bootstrap over questions"
+              + (f" plus the training-seed variance ({seed_df} df)" if seed_df else "") + ", "
               f"Holm across the {n} null sets: " + ", ".join(f"{e['null']} {e['diff']:+.3f} (p {e['p_holm']:.2g})"
                                                              for e in eq_nulls) + ".", ""]
     if extra:
         lines += [f"- {k}: {v_}" for k, v_ in extra.items()] + [""]
-    pic = _picture(runs, res, val, what, d, cand_spec, null)
+    pic = _picture(runs, res, val, {n: float(stat(per_run[n])) for n in per_run}, what, d, cand_spec, null)
     lines += [f"![null distribution]({pic.name})"] if pic else ["(matplotlib is not installed: no picture)"]
     out = {"candidate": cand_spec, "null": null, "measure": key, "values": val, "rank": n_ge, "n_null": n,
+           "train_seeds": k, "seed_variance": {"var": seed_var, "df": seed_df},
            "permutation": perm, "two_level": two, "equivalent_nulls": eq_nulls, "vs_full": eq_full, "verdict": v,
            "converged": conv, **({"extra": extra} if extra else {})}
     write_json(d / "verdict.json", out)
@@ -196,7 +219,7 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
     return out
 
 
-def _picture(runs, res, val, what, d: Path, cand_spec, null) -> Path | None:
+def _picture(runs, res, val, per_run, what, d: Path, cand_spec, null) -> Path | None:
     try:
         import matplotlib
 
@@ -204,18 +227,20 @@ def _picture(runs, res, val, what, d: Path, cand_spec, null) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    names = [n for n, _ in runs if n not in ("candidate", "full")]
+    names = [n for n in val if n not in ("candidate", "full")]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     ax[0].hist([val[n] for n in names], bins=max(5, len(names)), color="C0", alpha=0.7, label=f"{null} null sets")
-    ax[0].axvline(val["candidate"], c="C3", lw=2, label=f"candidate {cand_spec}")
-    ax[0].axvline(val["full"], c="k", lw=2, ls="--", label="full model")
+    several = len(per_run) > len(val)
+    ax[0].axvline(val["candidate"], c="C3", lw=2, label=f"candidate {cand_spec}" + (" (seed mean)" if several else ""))
+    ax[0].axvline(val["full"], c="k", lw=2, ls="--", label="full model" + (" (seed mean)" if several else ""))
     ax[0].set(xlabel=what, ylabel="null sets", title="the candidate among the nulls")
     ax[0].legend(fontsize=7)
     for n, _ in runs:
         m = res[n]["metrics"]["ipo"]
-        c = "C3" if n == "candidate" else "k" if n == "full" else "C0"
-        ax[1].scatter(m["kl"]["value"], val[n], c=c, s=40 if c != "C0" else 20)
-    ax[1].set(xlabel="KL on neutral text", ylabel=what, title="at what off-target cost")
+        c = "C3" if role(n) == "candidate" else "k" if role(n) == "full" else "C0"
+        ax[1].scatter(m["kl"]["value"], per_run[n], c=c, s=40 if c != "C0" else 20)
+    ax[1].set(xlabel="KL on neutral text", ylabel=what,
+              title="at what off-target cost" + (" (every training seed)" if several else ""))
     fig.tight_layout()
     path = d / "localize.png"
     write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
@@ -231,6 +256,10 @@ def cmd_localize(argv: list[str]) -> int:
     add_run_args(p)
     p.add_argument("--null", choices=NULLS, default="random", help="the null head sets (default random)")
     p.add_argument("--n", type=int, default=8, help="null sets (default 8; complement: always 1)")
+    p.add_argument("--train-seeds", type=int, default=1, metavar="K",
+                   help="train the candidate and the full model with K training seeds and average each over them "
+                        "(default 1); the seed variance enters the equivalence tests. A verdict one seed can flip "
+                        "needs K >= 2")
     p.add_argument("--shard", default="0/1", help="i/n: do only the edits with index %% n == i (default 0/1)")
     p.add_argument("--margin", type=float, default=stats.MARGIN, help=f"equivalence margin (default {stats.MARGIN:g})")
     p.add_argument("--runs", default=None, metavar="DIR",
@@ -245,6 +274,8 @@ def cmd_localize(argv: list[str]) -> int:
     a = p.parse_args(glue_dash_values(argv, ("--shard",)))
     if not 1 <= a.n <= 1000:
         raise UserError(f"--n {a.n}: expected between 1 and 1000 null sets")
+    if not 1 <= a.train_seeds <= 20:
+        raise UserError(f"--train-seeds {a.train_seeds}: expected between 1 and 20 training seeds")
     if not 0 < a.margin < 1:
         raise UserError(f"--margin {a.margin}: expected a difference between 0 and 1, e.g. 0.05")
     try:
@@ -273,11 +304,12 @@ def cmd_localize(argv: list[str]) -> int:
         spec = a.heads
         cand = [tuple(x) for x in ctx.mask(base).nonzero().tolist()]
     nulls = null_sets(cand, a.null, a.n, c.n_layers, c.n_heads, base.seed)
-    runs = localize_runs(base, cand, nulls, a.null, None if m else spec)
+    runs = localize_runs(base, cand, nulls, a.null, None if m else spec, a.train_seeds)
     tag = re.sub(r"[^A-Za-z0-9.+-]", "", spec.replace(",", "+"))[:40]
     model_tag = "" if base.model == RunConfig.model else "-" + re.sub(r"[^A-Za-z0-9._-]", "", Path(base.model).name)[:40]
     pairs_tag = "" if not base.pairs else "-" + re.sub(r"[^A-Za-z0-9._-]", "", Path(base.pairs).stem)[:40]
-    out = Path(a.out) / f"localize-{tag}-{a.null}-s{base.seed}{pairs_tag}{model_tag}"
+    seeds_tag = f"-k{a.train_seeds}" if a.train_seeds > 1 else ""
+    out = Path(a.out) / f"localize-{tag}-{a.null}-s{base.seed}{seeds_tag}{pairs_tag}{model_tag}"
     keep = Path(a.runs) if a.runs else out
     mine = [r for k_, r in enumerate(runs) if k_ % sn == si]
     log(f"localize {spec} ({len(cand)} heads: {head_str(cand)}) against {len(nulls)} {a.null} null set(s) and the full "

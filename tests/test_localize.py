@@ -42,9 +42,9 @@ def test_localize_shares_the_edits_of_an_experiment():
     base = run.config_from_args(p.parse_args(["--heads", "probe16", "--dtype", "fp32"]))
     exp = dict(experiments.experiment_runs("ipo-random", replace(base, heads="random16"), experiments.SIZES["default"]))
     cand = experiments.random_set(99, 30, 9)  # stands for probe16's heads: only the spec enters the config
-    runs = lz.localize_runs(base, cand, lz.null_sets(cand, "random", 4, 30, 9), "random", "probe16")
-    assert len(runs) == 6
-    for role, c in runs:
+    runs = lz.localize_runs(base, cand, lz.null_sets(cand, "random", 4, 30, 9), "random", "probe16", train_seeds=2)
+    assert len(runs) == 8 and [r for r, _ in runs][-2:] == ["candidate r1", "full r1"]
+    for role, c in runs:  # the second training seeds too are the experiment's
         assert c.slug() in exp and exp[c.slug()].training_dict() == c.training_dict(), role
 
 
@@ -79,12 +79,13 @@ def test_grad_heads_finds_planted_heads(tmp_path):
     assert all(score[l, h] == 0 for l in range(3) for h in range(4) if (l, h) not in planted)
 
 
-def fabricate(n_null: int, cand_p: float, null_p: float, full_p: float, n=300, seed=0, judged=True):
+def fabricate(n_null: int, cand_p: float, null_p: float, full_p: float, n=300, seed=0, judged=True, train_seeds=1):
     rng = np.random.default_rng(seed)
-    runs = lz.localize_runs(run.RunConfig(), [(0, 1)], [[(1, i)] for i in range(n_null)], "random")
+    runs = lz.localize_runs(run.RunConfig(), [(0, 1)], [[(1, i)] for i in range(n_null)], "random",
+                            train_seeds=train_seeds)
     res = {}
     for name, c in runs:
-        p = cand_p if name == "candidate" else full_p if name == "full" else null_p
+        p = cand_p if lz.role(name) == "candidate" else full_p if lz.role(name) == "full" else null_p
         t = (rng.random(n) < p).astype(float)
         pq = {"truth": t.tolist(), "info": np.ones(n).tolist()} if judged else {"pref_acc": t.tolist()}
         m = {k: {"value": float(np.mean(v)), "ci95": [0, 1]} for k, v in pq.items()}
@@ -117,6 +118,26 @@ def test_verdicts(tmp_path, judged):
     v = lz.localize_report(runs, res, tmp_path / "c", "probe1", "random")
     assert v["permutation"]["p"] < 0.05 and v["two_level"]["p"] > 0.05 and v["rank"] == 1
     assert "beats these 4 random head sets on average" in v["verdict"] and "no evidence" in v["verdict"]
+
+
+def test_training_seeds_are_averaged_and_their_variance_counted(tmp_path):
+    """With two training seeds that disagree, the candidate's value is their mean, the verdict names both, and
+    the seed variance widens every equivalence test (a null equal to the candidate is no longer shown as good)."""
+    runs, res = fabricate(4, 0.6, 0.6, 0.6, n=2000, seed=4, train_seeds=2)
+    v1 = lz.localize_report([r for r in runs if " " not in r[0]], res, tmp_path / "one", "probe1", "random")
+    rng = np.random.default_rng(5)
+    res["candidate r1"]["per_question"]["ipo"]["truth"] = (rng.random(2000) < 0.3).astype(float).tolist()
+    res["full r1"]["per_question"]["ipo"]["truth"] = (rng.random(2000) < 0.9).astype(float).tolist()
+    v2 = lz.localize_report(runs, res, tmp_path / "two", "probe1", "random")
+    c0, c1 = (float(np.mean(res[n]["per_question"]["ipo"]["truth"])) for n in ("candidate", "candidate r1"))
+    assert v2["values"]["candidate"] == pytest.approx((c0 + c1) / 2) and set(v2["values"]) == set(v1["values"])
+    assert v2["train_seeds"] == {"candidate": 2, "full": 2, **{f"random-{i}": 1 for i in range(1, 5)}}
+    assert v2["seed_variance"]["df"] == 2 and v2["seed_variance"]["var"] > 0.02
+    assert f"{c0:.3f}, {c1:.3f}" in v2["verdict"] and "training seeds" in v2["verdict"]
+    assert sum(e["p_holm"] < 0.05 for e in v1["equivalent_nulls"]) >= 3  # 2000 questions: equal sets shown equal
+    assert all(e["p_holm"] > 0.05 for e in v2["equivalent_nulls"])  # seed sd ~0.3: nothing resolvable in 0.05
+    text = (tmp_path / "two" / "report.md").read_text()
+    assert "| candidate | 0.1 | 1 |" in text and "training-seed variance (2 df)" in text
 
 
 # ---------------------------------------------------------------------------------------------------------
