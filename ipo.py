@@ -518,6 +518,24 @@ def lr_grid(mask: torch.Tensor | None, factors=LR_FACTORS) -> list[float]:
     return lrs + [lrs[-1] * FULL_EXTRA] if mask is None else lrs
 
 
+WARMUP = 20  # steps of linear learning-rate warm-up
+LR_DOWN = 4.0  # a rate below the grid: the lowest rate tried over LR_DOWN
+LR_DOWN_MAX = 2  # at most this many rates below the grid
+
+
+def needs_lower(selection: dict, every: int) -> bool:
+    """Whether select_ipo tries a rate below those in `selection["grid"]`: the rate chosen is the lowest tried
+    and too fast for the edit (its best validation came no later than one validation, every `every` steps, after
+    the warm-up: the loss rose as soon as the rate was full), and fewer than LR_DOWN_MAX rates below the grid
+    were tried. (At tau 0.5 the target margin 1/(2 tau) is five times nearer than at 0.1, and an AdamW step's
+    size does not shrink with it.)"""
+    grid = selection["grid"]
+    chosen = next(g for g in grid if g["lr"] == selection["chosen_lr"])
+    too_fast = chosen["best_step"] <= chosen.get("warmup", WARMUP) + every
+    return (chosen["lr"] == min(g["lr"] for g in grid) and too_fast
+            and sum(g.get("below_grid", False) for g in grid) < LR_DOWN_MAX)
+
+
 def lr_at(step: int, lr: float, warmup: int) -> float:
     """Linear warm-up over the first `warmup` steps, then constant (step counts from 0). A decaying schedule
     would level the loss off by itself; here only the stopping rule ends training."""
@@ -580,7 +598,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
               tau: float = 0.1, lr: float | None = None, epochs: int = 2, batch_size: int = 4, seed: int = 0,
               out_dir: str | os.PathLike, average: bool = True, max_steps: int | None = None,
               stop: StopRule = StopRule(), scale: float = 1.0, ckpt_every: int = 50, clip: float = 1.0,
-              warmup: int = 20, ref_dir: str | os.PathLike | None = None,
+              warmup: int = WARMUP, ref_dir: str | os.PathLike | None = None,
               log: Callable[[str], None] = print) -> tuple[Rank1Edit, dict]:
     """Train the optimal rank-1 edit at the heads in mask ([L, H] bool; None: plain LoRA on the full model)
     by IPO on preference pairs, until the validation loss levels off (`StopRule`) or the budget of `epochs`
@@ -712,6 +730,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
     at_best = next(r for r in curve if r["step"] == best["step"])
     metrics = {"steps": step, "budget": budget, "best_step": best["step"], "converged": reason == "converged",
                "stop": reason, "rule": {"every": stop.every, "patience": stop.patience, "min_delta": stop.min_delta},
+               "warmup": warmup,
                "done": True, "tau": tau, "lr": lr, "scale": scale, "epochs": epochs, "batch_size": batch_size,
                "seed": seed, "average": average, "n_train": len(train), "n_val": len(val),
                "seconds": time.time() - t0, "curve": curve,
@@ -729,23 +748,40 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
                **kw) -> tuple[Rank1Edit, dict]:
     """The same selection for every edit: train one edit per learning rate in `lrs` (each to convergence by
     the same `StopRule`, in out_dir/lr<lr>/, sharing one reference pass) and keep the one with the lowest
-    validation IPO loss. Returns (edit, metrics of the chosen run + "selection"); the chosen edit is also
-    saved to out_dir/edit.safetensors. kw: the rest of `train_ipo`'s arguments."""
+    validation IPO loss. When the rate kept is the lowest tried and too fast (`needs_lower`: best at the end of
+    the warm-up), a rate LR_DOWN times lower is tried too, up to LR_DOWN_MAX times: a grid's edge is no
+    optimum. Returns (edit, metrics of the chosen run + "selection"); the chosen edit is also saved to
+    out_dir/edit.safetensors. kw: the rest of `train_ipo`'s arguments."""
     lrs = list(lrs)
     if not lrs:
         raise ValueError("select_ipo: an empty learning-rate grid")
     out = Path(out_dir)
     tried = []
-    for lr in lrs:
+
+    def train(lr: float, below_grid: bool) -> None:
         edit, m = train_ipo(model, tokenizer, pairs_train, pairs_val, prompts, mask, lr=lr, out_dir=out / f"lr{lr:g}",
                             ref_dir=out, log=log, **kw)
-        tried.append((m["val_loss"], lr, edit, m))
-    _, lr, edit, m = min(tried, key=lambda t: t[0])
-    m = {**m, "selection": {"by": "lowest validation IPO loss", "chosen_lr": lr,
-                            "grid": [{"lr": t[1], "val_loss": t[0], "best_step": t[3]["best_step"],
-                                      "steps": t[3]["steps"], "converged": t[3]["converged"],
-                                      "curve": [[r["step"], r["val_loss"]] for r in t[3]["curve"]]}
-                                     for t in tried]}}
+        tried.append((m["val_loss"], lr, edit, m, below_grid))
+
+    for lr in lrs:
+        train(lr, False)
+
+    def selection() -> dict:
+        best = min(tried, key=lambda t: t[0])
+        return {"by": "lowest validation IPO loss", "chosen_lr": best[1],
+                "grid": [{"lr": t[1], "val_loss": t[0], "best_step": t[3]["best_step"], "steps": t[3]["steps"],
+                          "converged": t[3]["converged"], "warmup": t[3]["warmup"],
+                          "below_grid": t[4], "curve": [[r["step"], r["val_loss"]] for r in t[3]["curve"]]}
+                         for t in tried]}
+
+    while needs_lower(sel := selection(), kw.get("stop", StopRule()).every):
+        low = min(t[1] for t in tried)
+        g = next(g for g in sel["grid"] if g["lr"] == low)
+        log(f"ipo: lr {low:g} is too fast for this edit (best validation at step {g['best_step']}, the end of the "
+            f"{g['warmup']}-step warm-up); trying {low / LR_DOWN:g}")
+        train(low / LR_DOWN, True)
+    _, lr, edit, m, _ = min(tried, key=lambda t: t[0])
+    m = {**m, "selection": sel}
     if len(lrs) > 1:
         log("ipo: learning rate " + ", ".join(f"{t[1]:g} -> {t[0]:.4f}{'' if t[3]['converged'] else ' (not converged)'}"
                                              for t in tried) + f"; chosen {lr:g}")

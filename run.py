@@ -615,11 +615,28 @@ def check_lr_grid(d: Path, cfg: RunConfig, res: dict) -> None:
         return
     mask = None if cfg.full_model else torch.ones(len(res["heads"]), dtype=torch.bool)  # only the count matters
     want = sorted(ipo.lr_grid(mask, cfg.lr_factors))
-    got = sorted(g["lr"] for g in grid)
+    got = sorted(g["lr"] for g in grid if not g.get("below_grid"))  # the rates tried below the grid: by the rule
     if len(want) != len(got) or not np.allclose(want, got, rtol=1e-6, atol=0):
         raise UserError(f"{d}: trained on the learning rates {', '.join(f'{x:g}' for x in got)}, but the current "
                         f"rule gives {', '.join(f'{x:g}' for x in want)} (ipo.lr_grid); move the directory away to "
                         "train this edit again")
+
+
+def reselect(d: Path, cfg: RunConfig, meta: dict | None) -> bool:
+    """An IPO edit selected before select_ipo tried rates below the grid, which it would now (ipo.needs_lower:
+    the rate kept is the lowest and too fast): its edit, evaluation and results are removed, the rates trained
+    stay (ipo/lr*/), so that the run selects again with the lower rate and is evaluated again. True if so."""
+    import ipo
+
+    sel = (meta or {}).get("selection")
+    if not sel or not ipo.needs_lower(sel, cfg.eval_every):
+        return False
+    g = next(g for g in sel["grid"] if g["lr"] == sel["chosen_lr"])
+    log(f"{d}: its learning rate {g['lr']:g} was too fast (best validation at step {g['best_step']}, the end of "
+        f"the warm-up) and the lowest tried: selecting again with a lower rate (the rates trained are kept)")
+    for p in (d / "results.json", d / "eval_ipo.json", d / "eval_ipo.parts.json", d / "ipo" / "edit.safetensors"):
+        p.unlink(missing_ok=True)
+    return True
 
 
 def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | None = None) -> dict:
@@ -637,6 +654,8 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         if done.exists():
             res = json.loads(done.read_text())
             check_lr_grid(d, cfg, res)
+            reselect(d, cfg, res.get("ipo"))  # may remove results.json: the run then goes on as a resumed one
+        if done.exists():
             evs = [json.loads(p.read_text()) for p in sorted(d.glob("eval_*.json")) if ".parts" not in p.name]
             if cfg.pairs and all("pairs" in ev for ev in evs):  # up to date, and nothing judged
                 log(f"{d}: finished already (results.json); nothing to do")
@@ -682,6 +701,8 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
         path = d / "ipo" / "edit.safetensors"
         if path.exists():
             check_lr_grid(d, cfg, {"ipo": _ipo_meta(d), "heads": probe.head_list(mask) if mask is not None else []})
+            reselect(d, cfg, _ipo_meta(d))
+        if path.exists():
             edits["ipo"] = ipo.Rank1Edit.load(path).to(ctx.model.device)
         else:
             rng = random.Random(cfg.seed)

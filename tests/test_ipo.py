@@ -440,3 +440,36 @@ def test_real_model_generation_prompts_short_run(tmp_path):
     last = torch.load(tmp_path / "ckpt.pt", weights_only=True)["edit"]["b"]  # the last state (the kept one may be b = 0)
     assert (last != 0).sum() == 16 * model.cfg.head_dim
     assert trained.layers == [1, 6, 7, 9, 10, 14, 15, 21, 23, 25, 26, 27, 29]  # the layers of the 16 seeded heads
+
+
+class _FakeEdit:
+    def save(self, path, meta):
+        pass
+
+
+@pytest.mark.parametrize("lrs, best_step, loss, tried, chosen", [
+    # the lowest rate wins but peaked at the end of the warm-up: 4x lower, again, until one is not too fast
+    ([8e-3], lambda lr: 20 if lr > 1e-3 else 150, lambda lr: lr, [8e-3, 2e-3, 5e-4], 5e-4),
+    # every rate too fast: at most LR_DOWN_MAX rates below the grid
+    ([0.1], lambda lr: 20, lambda lr: lr, [0.1, 0.025, 0.00625], 0.00625),
+    # too fast but not the lowest rate tried: the grid brackets it, nothing more
+    ([1e-4, 8e-3], lambda lr: 20, lambda lr: -lr, [1e-4, 8e-3], 8e-3),
+    # the rate below is worse: the rate kept is no longer the lowest tried, so the search stops
+    ([8e-3], lambda lr: 20, lambda lr: -lr, [8e-3, 2e-3], 8e-3),
+])
+def test_select_ipo_tries_lower_rates_when_the_lowest_is_too_fast(tmp_path, monkeypatch, lrs, best_step, loss, tried,
+                                                                  chosen):
+    calls = []
+
+    def fake_train(model, tok, pairs_train, pairs_val, prompts, mask, *, lr, out_dir, ref_dir, log, **kw):
+        calls.append(lr)
+        return _FakeEdit(), {"val_loss": loss(lr), "best_step": best_step(lr), "steps": 200, "converged": True,
+                             "warmup": ipo.WARMUP, "curve": [{"step": 0, "val_loss": 25.0}], "lr": lr}
+
+    monkeypatch.setattr(ipo, "train_ipo", fake_train)
+    _, m = ipo.select_ipo(None, None, [], [], None, None, lrs=lrs, out_dir=tmp_path, log=lambda s: None,
+                          stop=ipo.StopRule(every=10))
+    assert calls == pytest.approx(tried) and m["lr"] == pytest.approx(chosen)
+    grid = m["selection"]["grid"]
+    assert [g["below_grid"] for g in grid] == [False] * len(lrs) + [True] * (len(tried) - len(lrs))
+    assert not ipo.needs_lower(m["selection"], 10)

@@ -485,3 +485,28 @@ def test_a_run_trained_on_another_learning_rate_grid_is_refused(tmp_path):
     run.check_lr_grid(tmp_path, run.RunConfig(heads="random16"), heads16)  # a head set: the grid as it was
     run.check_lr_grid(tmp_path, run.RunConfig(heads="full", lr=[1e-3]), old)  # rates given by hand: not checked
     run.check_lr_grid(tmp_path, cfg, {"heads": [], "ipo": None})  # nothing trained
+
+
+def test_a_run_whose_rate_was_too_fast_is_selected_again(tmp_path):
+    """A finished run whose kept rate is the lowest tried and peaked at the end of the warm-up (selected before
+    select_ipo tried lower rates): its edit, evaluation and results go, the rates trained stay; other runs stay."""
+    cfg = run.RunConfig(heads="probe16", tau=0.5)
+    d = tmp_path / "r"
+    (d / "ipo" / "lr0.008").mkdir(parents=True)
+    files = [d / "results.json", d / "eval_ipo.json", d / "eval_iti.json", d / "ipo" / "edit.safetensors",
+             d / "ipo" / "lr0.008" / "ckpt.pt"]
+    for f in files:
+        f.write_text("x")
+    def sel(best, below=0):  # the grid's rate 8e-3, then `below` rates 4x lower; the lowest kept, best at `best`
+        lrs = [8e-3 / 4 ** k for k in range(below + 1)]
+        return {"selection": {"chosen_lr": lrs[-1], "grid": [{"lr": lr, "best_step": best if lr == lrs[-1] else 20,
+                                                              "below_grid": k > 0} for k, lr in enumerate(lrs)]}}
+
+    assert not run.reselect(d, cfg, sel(150)) and all(f.exists() for f in files)  # not too fast
+    assert not run.reselect(d, cfg, sel(20, below=2)) and all(f.exists() for f in files)  # lower rates: all tried
+    assert run.reselect(d, cfg, sel(20, below=1)) and not files[0].exists()  # one more to try
+    for f in files:
+        f.write_text("x")
+    assert not run.reselect(d, cfg, None) and not run.reselect(d, cfg, {"selection": {}})
+    assert run.reselect(d, cfg, sel(30))  # best one validation after the 20-step warm-up
+    assert [f.exists() for f in files] == [False, False, True, False, True]
