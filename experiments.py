@@ -681,6 +681,9 @@ def _plot_curves(ax, rows, x: str, y: str, method: str | None = None, label_once
         ax.plot([r[x] for r in rs], [r[y] for r in rs], "--" if r0["method"] == "iti" else "-", marker="o", ms=4,
                 c=_color(r0), lw=2 if r0["kind"] in ("probe16", "full") else 1, alpha=1 if r0["kind"] != "random16"
                 else 0.6, label=lab, mfc="none" if any(r["converged"] is False for r in rs) else _color(r0))
+    extra = [r for r in rows if not r["primary"] and (method is None or r["method"] == method)]
+    for k, r in enumerate(extra):  # the key edits' other training seeds, beside their curves
+        ax.scatter([r[x]], [r[y]], marker="x", c=_color(r), label="other training seeds" if k == 0 else None)
 
 
 def figures(name: str, rows: list[dict], tests: dict, d: Path, margin: float, base: dict, judged: bool = True
