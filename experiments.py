@@ -343,8 +343,7 @@ def equivalence(rows, e: tuple, ref: tuple, knob, margin: float, seed_var: float
     a, ka = _mean_over_seeds(rows, e, knob)
     b, kb = _mean_over_seeds(rows, ref, knob)
     diff = float(stat(a[:, cols]) - stat(b[:, cols]))
-    se_q = stats.bootstrap_se(a[:, cols], b[:, cols], stat)
-    se = float(np.sqrt(se_q ** 2 + seed_var * (1 / ka + 1 / kb)))
+    se, se_q = stats.se_with_seeds(a[:, cols], b[:, cols], stat, seed_var, ka, kb)
     return {**stats.tost(diff, se, margin), "se_questions": se_q, "seeds": [ka, kb], "knob": knob}
 
 
@@ -489,7 +488,7 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
             if r["primary"] and r["method"] == "ipo" and r["kind"] in ("full", "probe16"):
                 q, k = _mean_over_seeds(rows, _edit(r), r["knob"])
                 v = float(stats.truth_info(q[:, :2]))
-                half = 1.96 * float(np.sqrt(stats.bootstrap_se(q[:, :2], None) ** 2 + seed_var / k))
+                half = 1.96 * stats.se_with_seeds(q[:, :2], None, stats.truth_info, seed_var, k)[0]
                 tests.setdefault("key_intervals", []).append({"edit": _label(r), "tau": r["tau"], "seeds": k,
                                                               "value": v, "ci95": [v - half, v + half]})
                 lines.append(f"| {_label(r)} | {r['tau']:g} | {k} | {v:.3f} | [{v - half:.3f}, {v + half:.3f}] |")

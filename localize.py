@@ -140,7 +140,7 @@ def localize_report(runs, res: dict, d: Path, cand_spec: str, null: str, margin:
     # the training-seed variance of the measure (edits trained with several seeds), added to every TOST's variance
     seed_var, seed_df = stats.seed_variance([[float(stat(per_run[n])) for n in ns] for ns in seeds.values()])
     k = {e: len(ns) for e, ns in seeds.items()}
-    se = lambda a, b: float(np.sqrt(stats.bootstrap_se(x[a], x[b], stat) ** 2 + seed_var * (1 / k[a] + 1 / k[b])))
+    se = lambda a, b: stats.se_with_seeds(x[a], x[b], stat, seed_var, k[a], k[b])[0]
     null_names = [e for e in seeds if e not in ("candidate", "full")]
     cand = val["candidate"]
     n_ge = sum(val[n] >= cand for n in null_names)

@@ -158,6 +158,15 @@ def bootstrap_se(a: np.ndarray, b: np.ndarray | None, stat: Callable = truth_inf
     return float(np.std(d, ddof=1))
 
 
+def se_with_seeds(a: np.ndarray, b: np.ndarray | None, stat: Callable, seed_var: float, k_a: int,
+                  k_b: int | None = None) -> tuple[float, float]:
+    """The standard error of stat(a) - stat(b) (or of stat(a) alone, b None) for edits averaged over k_a and k_b
+    training seeds: the paired bootstrap over questions plus the training-seed variance of each mean
+    (seed_var / k). Returns (standard error, its question part)."""
+    se_q = bootstrap_se(a, b, stat)
+    return float(np.sqrt(se_q ** 2 + seed_var * (1 / k_a + (1 / k_b if b is not None else 0.0)))), se_q
+
+
 def tost(diff: float, se: float, margin: float = MARGIN, level: float = 0.05) -> dict:
     """Two one-sided tests of |true difference| < margin on an estimate `diff` with standard error `se` (normal
     approximation). p = max of the two one-sided p-values; equivalent when p < level, which is the same as the
