@@ -79,7 +79,8 @@ def single_heads(n: int, n_layers: int, n_heads: int, exclude: set, seed: int = 
 def experiment_runs(name: str, base: RunConfig, size: dict, dims: tuple[int, int] = (30, 9)
                     ) -> list[tuple[str, RunConfig]]:
     """The runs an experiment needs, as (run name, config), in the order they are done: the key edits (full
-    model, probe16) at the first tau, the other edits, the key edits' extra training seeds, their other taus.
+    model, probe16) at the first tau, the other edits, the key edits' extra training seeds, their other taus (in
+    Fig. 2, whose curves they are, with every seed too, for the seed variance at each tau).
     Runs are shared between experiments by name. dims: (layers, heads) of the model, for the single heads."""
     if name not in EXPERIMENTS:
         raise UserError(f"experiment {name!r}: expected one of {', '.join(EXPERIMENTS)}")
@@ -93,10 +94,11 @@ def experiment_runs(name: str, base: RunConfig, size: dict, dims: tuple[int, int
     def ipo_runs(cs, ts):
         return [(c.slug(), c) for c in (replace(c, tau=t) for t in ts for c in cs)]
 
-    def key_runs(cs, others, curves=False):  # curves: the key edits at every key tau too (Fig. 2)
-        return (ipo_runs(cs, taus[:1]) + ipo_runs(others, taus)
-                + ipo_runs([replace(c, train_seed=s) for s in seeds for c in cs], taus[:1])
-                + ipo_runs(cs, [t for t in (key_taus if curves else taus) if t != taus[0]]))
+    def key_runs(cs, others, curves=False):  # curves: the key edits at every key tau too (Fig. 2), each seed
+        more = [t for t in (key_taus if curves else taus) if t != taus[0]]
+        reseeded = [replace(c, train_seed=s) for s in seeds for c in cs]
+        return (ipo_runs(cs, taus[:1]) + ipo_runs(others, taus) + ipo_runs(reseeded, taus[:1])
+                + ipo_runs(cs, more) + (ipo_runs(reseeded, more) if curves else []))
 
     def iti_runs(cs):
         return [(f"{c.slug()}-a{alpha:g}", replace(c, alpha=alpha)) for c in cs for alpha in size["alphas"]]
@@ -329,6 +331,13 @@ def _seed_groups(rows, key: str = "truth_info") -> list[list[float]]:
     return [v for v in g.values() if len(v) >= 2]
 
 
+def _seed_var(rows, knob, key: str = "truth_info") -> float:
+    """The training-seed variance of `key` for the IPO edits at `knob` (tau): pooled over the edits trained with
+    several seeds at that tau, or over every tau when none is (it differs by tau: edits degenerate at small tau)."""
+    v, df = stats.seed_variance(_seed_groups([r for r in rows if r["knob"] == knob], key))
+    return v if df else stats.seed_variance(_seed_groups(rows, key))[0]
+
+
 def _mean_over_seeds(rows, e: tuple, knob) -> tuple[np.ndarray, int]:
     """Per-question values [N, 4] of edit e at knob averaged over its training seeds, and the number of seeds."""
     qs = [r["q"] for r in rows if _edit(r) == e and r["knob"] == knob]
@@ -471,8 +480,11 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
     # seed variance of the key edits (the same edit and tau, several training seeds)
     groups = _seed_groups(rows)
     seed_var, seed_df = stats.seed_variance(groups)
-    seed_vars = {k: stats.seed_variance(_seed_groups(rows, k))[0] for k in JUDGE_FREE if all(k in r for r in rows)}
-    tests: dict = {"seed_variance": {"var": seed_var, "df": seed_df, "groups": groups}}
+    by_tau = {k: stats.seed_variance(_seed_groups([r for r in rows if r["knob"] == k]))
+              for k in sorted({r["knob"] for r in rows if r["method"] == "ipo"})}
+    by_tau = {k: v for k, v in by_tau.items() if v[1]}
+    tests: dict = {"seed_variance": {"var": seed_var, "df": seed_df, "groups": groups,
+                                     "by_tau": {f"{k:g}": {"var": v, "df": df} for k, (v, df) in by_tau.items()}}}
     if groups:
         lines += ["## Seed variance", "", "Truth*Info of the edits trained with several seeds (same split, test "
                   "questions and learning rate; the initialisation and pair order differ): "
@@ -480,15 +492,17 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
                       f"{x['truth_info']:.3f}" for x in rows if _edit(x) == _edit(r) and x["knob"] == r["knob"])
                       for r in rows if r["primary"] and any(
                           _edit(x) == _edit(r) and x["knob"] == r["knob"] and not x["primary"] for x in rows)),
-                  "", f"Pooled seed standard deviation {np.sqrt(seed_var):.3f} ({seed_df} df). The equivalence "
-                  "tests below add it to the question-bootstrap variance of every difference. With it, the key "
+                  "", "Pooled seed standard deviation " + "; ".join(
+                      f"at tau {k:g}: {np.sqrt(v):.3f} ({df} df)" for k, (v, df) in by_tau.items())
+                  + ". The equivalence tests below add the one of their tau (pooled over every tau where a tau "
+                  "has no seeds) to the question-bootstrap variance of every difference. With it, the key "
                   "edits' Truth*Info (mean over seeds, 95% interval over questions and seeds):", "",
                   "| edit | tau | seeds | Truth*Info | 95% interval |", "|---|---|---|---|---|"]
         for r in rows:
             if r["primary"] and r["method"] == "ipo" and r["kind"] in ("full", "probe16"):
                 q, k = _mean_over_seeds(rows, _edit(r), r["knob"])
                 v = float(stats.truth_info(q[:, :2]))
-                half = 1.96 * stats.se_with_seeds(q[:, :2], None, stats.truth_info, seed_var, k)[0]
+                half = 1.96 * stats.se_with_seeds(q[:, :2], None, stats.truth_info, _seed_var(rows, r["knob"]), k)[0]
                 tests.setdefault("key_intervals", []).append({"edit": _label(r), "tau": r["tau"], "seeds": k,
                                                               "value": v, "ci95": [v - half, v + half]})
                 lines.append(f"| {_label(r)} | {r['tau']:g} | {k} | {v:.3f} | [{v - half:.3f}, {v + half:.3f}] |")
@@ -555,12 +569,14 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
                     continue
                 for k in (knobs(e) if name == "ipo-vs-iti" else knobs(e)[:1]):
                     if k in knobs(ref):
-                        t = equivalence(rows, e, ref, k, margin, seed_var)
-                        t["on_scores"] = equivalence(rows, e, ref, k, margin, seed_var, TI_SCORE)
+                        sv = _seed_var(rows, k)
+                        t = equivalence(rows, e, ref, k, margin, sv)
+                        t["on_scores"] = equivalence(rows, e, ref, k, margin, sv, TI_SCORE)
                         for key in JUDGE_FREE:  # the same question without the judges
                             c = [CHANNELS.index(key)]
                             if not np.isnan(_mean_over_seeds(rows, e, k)[0][:, c]).any():
-                                t[key] = equivalence(rows, e, ref, k, margin, seed_vars.get(key, 0.0), c, stats.mean_of)
+                                t[key] = equivalence(rows, e, ref, k, margin, _seed_var(rows, k, key) if all(
+                                    key in r for r in rows) else 0.0, c, stats.mean_of)
                         eq.append({**t, "edit": _label(next(r for r in prim if _edit(r) == e)),
                                    "ref": _label(next(r for r in prim if _edit(r) == ref)), "at": f"tau {k:g}",
                                    "edit_key": list(e), "ref_key": list(ref)})
