@@ -289,6 +289,8 @@ def table_rows(runs, res: dict) -> list[dict]:
                      "alpha": c.alpha if c.method == "iti" else None, "tau": c.tau if c.method == "ipo" else None,
                      "knob": c.alpha if c.method == "iti" else c.tau, "lr": i.get("lr"), "steps": i.get("steps"),
                      "converged": i.get("converged") if label == "ipo" else None, "val_loss": i.get("val_loss"),
+                     "at_warmup": label == "ipo" and "best_step" in i and i["best_step"] <= i.get("warmup", 0) + i.get(
+                         "rule", {}).get("every", 0),  # kept its first checkpoint after the warm-up
                      "heldout_loss": heldout_ipo_loss(r, label, c.tau) if c.method == "ipo" else None,
                      **{k: m[k]["value"] for k in METRICS if k in m}, "ci": {k: m[k]["ci95"] for k in METRICS if k in m},
                      "probe_acc": float(np.mean(list(r["probe_acc_of_heads"].values())))
@@ -476,6 +478,11 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
     if unconverged:
         lines += [f"**{len(unconverged)} IPO edit(s) did NOT converge** (step budget spent while the validation loss "
                   f"still fell): {', '.join(unconverged)}. Their figures understate what an edit there can do.", ""]
+    early = [r["run"] for r in rows if r.get("at_warmup")]
+    if early:
+        lines += [f"**{len(early)} IPO edit(s) kept their first checkpoint after the warm-up** (every rate tried "
+                  f"stopped early; the edit is hardly trained and may be far from the optimum another seed reaches): "
+                  f"{', '.join(early)}. Compare their validation loss with the same edit's other seeds.", ""]
 
     # seed variance of the key edits (the same edit and tau, several training seeds)
     groups = _seed_groups(rows)

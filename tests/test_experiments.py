@@ -257,3 +257,16 @@ def test_seed_variance_is_taken_at_each_tau(tmp_path):
     eq = {e["at"]: e for e in t["equivalence"]}
     assert eq["tau 0.5"]["p_holm"] < 0.05 and eq["tau 0.1"]["p_holm"] > 0.05
     assert eq["tau 0.5"]["min_margin"] < 0.02 < 0.1 < eq["tau 0.1"]["min_margin"]
+
+
+def test_an_edit_kept_at_the_warm_up_is_flagged(tmp_path):
+    """An IPO edit whose kept checkpoint is the first after the warm-up (a stopping rule that gave up on a noisy
+    plateau) is named in the report; one kept later is not."""
+    runs = ex.experiment_runs("ipo-random", run.RunConfig(), dict(ex.SIZES["quick"], n_random=1, train_seeds=()))
+    res = fabricate(runs)
+    for r, c in runs:
+        res[r]["ipo"].update(best_step=20 if c.heads == "probe16" else 170, warmup=20,
+                             rule={"every": 10, "patience": 4, "min_delta": 0.002})
+    text = ex.experiment_report("ipo-random", runs, res, tmp_path).read_text()
+    flagged = text.split("kept their first checkpoint after the warm-up")[1].split("\n")[0]
+    assert "1 IPO edit(s)" in text and "ipo-probe16" in flagged and "full" not in flagged and "random" not in flagged
