@@ -26,6 +26,7 @@ Saved as <cache>/judges/<backbone>-<kind>-<data sha256[:12]>/{head.safetensors, 
 retrains when the data file's or the references' checksum or the recipe differs from the metadata.
 
 CLI:  python judge.py train [--kind truth|info|both] [--data DIR]
+      python judge.py holdout [--kind truth|info|both]    accuracy on every held-out line, by decision threshold
       python judge.py score --kind truth --question Q --answer A     (or --jsonl FILE with question/answer)
       python judge.py score ... --judge-model DIR    an external judge model (ExternalJudge), e.g. Llama-2-7B
 """
@@ -929,6 +930,42 @@ def load_judge(kind: str, **kw) -> Judge:
     return load_judges((kind,), **kw)[kind]
 
 
+def auc(s: torch.Tensor, y: torch.Tensor) -> float:
+    """The area under the ROC curve: P(score of a yes line > score of a no line), ties counting one half."""
+    pos, neg = s[y == 1].double(), s[y == 0].double()
+    return ((pos[:, None] > neg[None, :]).double().mean() + 0.5 * (pos[:, None] == neg[None, :]).double().mean()).item()
+
+
+def holdout(j: Judge, data=None, version: str = "v0", thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+            halves: int = 300) -> dict:
+    """A saved judge scored again on every line of its random-line hold-out (recomputed from the data and the
+    judge's seed): accuracy, balanced accuracy, TPR, TNR at each decision threshold, the AUC, and what a
+    threshold chosen on held-out lines would be worth: chosen on one random half (the best balanced accuracy, or
+    the best sum of the two), scored on the other, averaged over `halves` splits."""
+    d = judge_data(j.kind, data, version)
+    held, _ = _splits(d.questions, j.meta["recipe"]["holdout"], j.meta["seed"])
+    s = j.score([d.questions[i] for i in held], [d.answers[i] for i in held]).double()  # [N]
+    y = torch.tensor([d.labels[i] for i in held])  # [N]
+
+    def at(idx, t):  # figures of the lines idx at threshold t, as `accuracy` computes them at 0.5
+        return accuracy(s[idx] - t, y[idx])  # score - t >= 0: the line is judged " yes"
+
+    every = torch.arange(len(held))
+    grid = [k / 100 for k in range(5, 96)]
+    fit = {"balanced_accuracy": [], "sum": []}
+    for r in range(halves):
+        perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(r))
+        a, b = perm[: len(held) // 2], perm[len(held) // 2:]
+        on_a = [at(a, t) for t in grid]
+        for crit in fit:
+            best = max(range(len(grid)), key=lambda k: on_a[k]["balanced_accuracy"] + (
+                on_a[k]["accuracy"] if crit == "sum" else 0.0))
+            fit[crit].append([at(b, grid[best])[m] for m in ("accuracy", "balanced_accuracy")] + [grid[best]])
+    return {"kind": j.kind, "n": len(held), "auc": auc(s, y), "at": {f"{t:g}": at(every, t) for t in thresholds},
+            "cross_fit": {c: dict(zip(("accuracy", "balanced_accuracy", "threshold"), torch.tensor(v).mean(0).tolist()))
+                          for c, v in fit.items()}}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark (bench.py calls this)
 
@@ -973,12 +1010,15 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="train, validate and cache the judges (skips ones already cached)")
     t.add_argument("--kind", choices=("truth", "info", "both"), default="both")
     t.add_argument("--force", action="store_true", help="retrain even when a matching judge is cached")
+    h = sub.add_parser("holdout", help="score a cached judge again on all its held-out lines: accuracy at each "
+                       "decision threshold, AUC, a threshold chosen on held-out lines (cross-fitted)")
+    h.add_argument("--kind", choices=("truth", "info", "both"), default="both")
     s = sub.add_parser("score", help="score answers with a cached judge")
     s.add_argument("--kind", choices=KINDS, required=True)
     s.add_argument("--question")
     s.add_argument("--answer", help="the answer (may be empty)")
     s.add_argument("--jsonl", help="a file of {\"question\": ..., \"answer\": ...} lines")
-    for a in (t, s):
+    for a in (t, h, s):
         a.add_argument("--data", help="TruthfulQA data directory (default: $TRUTHFULQA_DIR or ../shared/data/truthfulqa)")
         a.add_argument("--version", default="v0", help="judge data version (only v0 ships finetune_*.jsonl)")
         a.add_argument("--backbone", default=BACKBONE, help=f"model name or directory (default {BACKBONE})")
@@ -993,6 +1033,12 @@ def main(argv=None) -> int:
             for kind, j in judges.items():
                 print(json.dumps({"kind": kind, "validation": j.meta["validation"],
                                   "train_seconds": j.meta["train_seconds"], "created": j.meta["created"]}))
+            return 0
+        if args.cmd == "holdout":
+            for kind in (KINDS if args.kind == "both" else (args.kind,)):
+                j = load_judge(kind, data=args.data, version=args.version, backbone=args.backbone,
+                               train_if_missing=False)
+                print(json.dumps(holdout(j, args.data, args.version)))
             return 0
         if args.jsonl:
             if args.question is not None or args.answer is not None:

@@ -174,6 +174,16 @@ def test_train_save_load_and_mismatched_data(tiny, tmp_path, monkeypatch, capsys
     s = judges["truth"].score(list(qs), list(ans))
     assert ((s >= 0.5).long() == torch.tensor([y == "yes" for y in ys]).long()).float().mean() > 0.9
     assert judges["truth"].meta["validation"]["random_lines"]["accuracy"] >= 0.75
+    # `judge.py holdout`: the same lines scored again give the metadata's figure at 0.5; the AUC is the share of
+    # (yes, no) pairs ordered right; a threshold of 0 calls every line " yes"
+    h = judge.holdout(judges["truth"], data, halves=20)
+    v = judges["truth"].meta["validation"]["random_lines"]
+    assert h["n"] == v["n"] and h["at"]["0.5"]["accuracy"] == pytest.approx(v["accuracy"], abs=1e-6)
+    assert h["at"]["0.5"]["balanced_accuracy"] == pytest.approx(v["balanced_accuracy"], abs=1e-6)
+    assert 0.5 < h["auc"] <= 1 and judge.auc(torch.tensor([0.2, 0.9, 0.5]), torch.tensor([0, 1, 0])) == 1.0
+    assert judge.auc(torch.tensor([0.2, 0.9, 0.5, 0.5]), torch.tensor([1, 0, 1, 0])) == pytest.approx(0.125)
+    assert all(0 <= c["accuracy"] <= 1 and 0.05 <= c["threshold"] <= 0.95 for c in h["cross_fit"].values())
+    assert judge.holdout(judges["truth"], data, thresholds=(0.0,), halves=1)["at"]["0"]["tpr"] == 1.0
 
     # load_judge reads the cached judge back (no retraining) and scores the same
     loaded = judge.load_judge("truth", data=data, backbone=str(path), train_if_missing=False, model=model, tokenizer=tok)
@@ -310,6 +320,9 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
     assert judge.main(["score", "--kind", "truth", "--question", "Q?", "--answer", "A", "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no trained truth judge" in err and "judge.py train" in err
+    assert judge.main(["holdout", "--kind", "truth", "--data", str(data)]) == 2  # holdout: the same error
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no trained truth judge" in err
     assert judge.main(["score", "--kind", "truth", "--question", "Q?", "--answer", "A", "--data", str(data),
                        "--backbone", str(tmp_path / "mine")]) == 2  # the suggested command trains that judge
     assert f"judge.py train --kind truth --backbone {tmp_path / 'mine'} --data {data}" in capsys.readouterr().err
