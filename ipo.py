@@ -37,7 +37,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -523,17 +523,31 @@ LR_DOWN = 4.0  # a rate below the grid: the lowest rate tried over LR_DOWN
 LR_DOWN_MAX = 2  # at most this many rates below the grid
 
 
-def needs_lower(selection: dict, every: int) -> bool:
-    """Whether select_ipo tries a rate below those in `selection["grid"]`: the rate chosen is the lowest tried
-    and too fast for the edit (its best validation came no later than one validation, every `every` steps, after
-    the warm-up: the loss rose as soon as the rate was full), and fewer than LR_DOWN_MAX rates below the grid
-    were tried. (At tau 0.5 the target margin 1/(2 tau) is five times nearer than at 0.1, and an AdamW step's
-    size does not shrink with it.)"""
+PATIENCE_UP = 4  # a rate the stopping rule cut short on a plateau is trained again with this many times the patience
+
+
+def next_try(selection: dict, every: int) -> tuple[float, int] | None:
+    """What select_ipo trains next, as (learning rate, patience factor), or None when the selection is final.
+    Only when the edit kept is too fast (its best validation came no later than one validation, every `every`
+    steps, after the warm-up: the loss rose as soon as the rate was full):
+    - when it is the lowest rate tried, a rate LR_DOWN times lower, up to LR_DOWN_MAX rates below the grid: a
+      grid's edge is no optimum. (At tau 0.5 the target margin 1/(2 tau) is five times nearer than at 0.1, and
+      an AdamW step's size does not shrink with it.)
+    - when lower rates were tried and lost after the stopping rule ended them, the highest of them again with
+      PATIENCE_UP times the patience, once: at a lower rate the same progress takes more steps, and a plateau
+      can outlast the patience (seen at tau 0.5, where one seed passed a plateau that stopped another)."""
     grid = selection["grid"]
-    chosen = next(g for g in grid if g["lr"] == selection["chosen_lr"])
-    too_fast = chosen["best_step"] <= chosen.get("warmup", WARMUP) + every
-    return (chosen["lr"] == min(g["lr"] for g in grid) and too_fast
-            and sum(g.get("below_grid", False) for g in grid) < LR_DOWN_MAX)
+    chosen = grid[selection["chosen"]] if "chosen" in selection else next(
+        g for g in grid if g["lr"] == selection["chosen_lr"])
+    if chosen["best_step"] > chosen.get("warmup", WARMUP) + every:
+        return None
+    lower = [g for g in grid if g["lr"] < chosen["lr"]]
+    if not lower:
+        below = {g["lr"] for g in grid if g.get("below_grid", False)}
+        return (chosen["lr"] / LR_DOWN, 1) if len(below) < LR_DOWN_MAX else None
+    retried = {g["lr"] for g in grid if g.get("patience_factor", 1) > 1}
+    cut = [g["lr"] for g in lower if g["converged"] and g["lr"] not in retried]
+    return (max(cut), PATIENCE_UP) if cut else None
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -748,9 +762,8 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
                **kw) -> tuple[Rank1Edit, dict]:
     """The same selection for every edit: train one edit per learning rate in `lrs` (each to convergence by
     the same `StopRule`, in out_dir/lr<lr>/, sharing one reference pass) and keep the one with the lowest
-    validation IPO loss. When the rate kept is the lowest tried and too fast (`needs_lower`: best at the end of
-    the warm-up), a rate LR_DOWN times lower is tried too, up to LR_DOWN_MAX times: a grid's edge is no
-    optimum. Returns (edit, metrics of the chosen run + "selection"); the chosen edit is also saved to
+    validation IPO loss. When the rate kept is too fast (best at the end of the warm-up), `next_try` says what
+    to train next: a rate below the grid, or a lower rate again with more patience. Returns (edit, metrics of the chosen run + "selection"); the chosen edit is also saved to
     out_dir/edit.safetensors. kw: the rest of `train_ipo`'s arguments."""
     lrs = list(lrs)
     if not lrs:
@@ -758,29 +771,32 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
     out = Path(out_dir)
     tried = []
 
-    def train(lr: float, below_grid: bool) -> None:
-        edit, m = train_ipo(model, tokenizer, pairs_train, pairs_val, prompts, mask, lr=lr, out_dir=out / f"lr{lr:g}",
-                            ref_dir=out, log=log, **kw)
-        tried.append((m["val_loss"], lr, edit, m, below_grid))
+    stop = kw.pop("stop", StopRule())
+
+    def train(lr: float, below_grid: bool, factor: int = 1) -> None:
+        rule = replace(stop, patience=stop.patience * factor)
+        edit, m = train_ipo(model, tokenizer, pairs_train, pairs_val, prompts, mask, lr=lr, stop=rule, ref_dir=out,
+                            out_dir=out / (f"lr{lr:g}" + (f"-p{rule.patience}" if factor > 1 else "")), log=log, **kw)
+        tried.append((m["val_loss"], lr, edit, m, below_grid, factor))
 
     for lr in lrs:
         train(lr, False)
 
     def selection() -> dict:
-        best = min(tried, key=lambda t: t[0])
-        return {"by": "lowest validation IPO loss", "chosen_lr": best[1],
+        k = min(range(len(tried)), key=lambda i: tried[i][0])
+        return {"by": "lowest validation IPO loss", "chosen_lr": tried[k][1], "chosen": k,
                 "grid": [{"lr": t[1], "val_loss": t[0], "best_step": t[3]["best_step"], "steps": t[3]["steps"],
-                          "converged": t[3]["converged"], "warmup": t[3]["warmup"],
-                          "below_grid": t[4], "curve": [[r["step"], r["val_loss"]] for r in t[3]["curve"]]}
+                          "converged": t[3]["converged"], "warmup": t[3]["warmup"], "below_grid": t[4],
+                          "patience_factor": t[5], "curve": [[r["step"], r["val_loss"]] for r in t[3]["curve"]]}
                          for t in tried]}
 
-    while needs_lower(sel := selection(), kw.get("stop", StopRule()).every):
-        low = min(t[1] for t in tried)
-        g = next(g for g in sel["grid"] if g["lr"] == low)
-        log(f"ipo: lr {low:g} is too fast for this edit (best validation at step {g['best_step']}, the end of the "
-            f"{g['warmup']}-step warm-up); trying {low / LR_DOWN:g}")
-        train(low / LR_DOWN, True)
-    _, lr, edit, m, _ = min(tried, key=lambda t: t[0])
+    while nxt := next_try(sel := selection(), stop.every):
+        g = sel["grid"][sel["chosen"]]
+        log(f"ipo: lr {g['lr']:g} kept its best validation at step {g['best_step']}, the end of the "
+            f"{g['warmup']}-step warm-up: " + (f"trying {nxt[0]:g}" if nxt[1] == 1 else
+                                                f"training {nxt[0]:g} again with {nxt[1]}x the patience"))
+        train(nxt[0], nxt[0] < min(lrs), nxt[1])
+    _, lr, edit, m, _, _ = min(tried, key=lambda t: t[0])
     m = {**m, "selection": sel}
     if len(lrs) > 1:
         log("ipo: learning rate " + ", ".join(f"{t[1]:g} -> {t[0]:.4f}{'' if t[3]['converged'] else ' (not converged)'}"

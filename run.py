@@ -615,7 +615,7 @@ def check_lr_grid(d: Path, cfg: RunConfig, res: dict) -> None:
         return
     mask = None if cfg.full_model else torch.ones(len(res["heads"]), dtype=torch.bool)  # only the count matters
     want = sorted(ipo.lr_grid(mask, cfg.lr_factors))
-    got = sorted(g["lr"] for g in grid if not g.get("below_grid"))  # the rates tried below the grid: by the rule
+    got = sorted(g["lr"] for g in grid if not g.get("below_grid") and g.get("patience_factor", 1) == 1)  # by the rule
     if len(want) != len(got) or not np.allclose(want, got, rtol=1e-6, atol=0):
         raise UserError(f"{d}: trained on the learning rates {', '.join(f'{x:g}' for x in got)}, but the current "
                         f"rule gives {', '.join(f'{x:g}' for x in want)} (ipo.lr_grid); move the directory away to "
@@ -623,17 +623,21 @@ def check_lr_grid(d: Path, cfg: RunConfig, res: dict) -> None:
 
 
 def reselect(d: Path, cfg: RunConfig, meta: dict | None) -> bool:
-    """An IPO edit selected before select_ipo tried rates below the grid, which it would now (ipo.needs_lower:
-    the rate kept is the lowest and too fast): its edit, evaluation and results are removed, the rates trained
-    stay (ipo/lr*/), so that the run selects again with the lower rate and is evaluated again. True if so."""
+    """An IPO edit selected before select_ipo's current rule, which would now train more (ipo.next_try: the rate
+    kept is too fast, and a rate below the grid or a lower rate with more patience is still to try): its edit,
+    evaluation and results are removed, the rates trained stay (ipo/lr*/), so that the run selects again and is
+    evaluated again. True if so."""
     import ipo
 
     sel = (meta or {}).get("selection")
-    if not sel or not ipo.needs_lower(sel, cfg.eval_every):
+    nxt = ipo.next_try(sel, cfg.eval_every) if sel else None
+    if not nxt:
         return False
-    g = next(g for g in sel["grid"] if g["lr"] == sel["chosen_lr"])
-    log(f"{d}: its learning rate {g['lr']:g} was too fast (best validation at step {g['best_step']}, the end of "
-        f"the warm-up) and the lowest tried: selecting again with a lower rate (the rates trained are kept)")
+    g = sel["grid"][sel["chosen"]] if "chosen" in sel else next(g for g in sel["grid"] if g["lr"] == sel["chosen_lr"])
+    log(f"{d}: its learning rate {g['lr']:g} kept its best validation at step {g['best_step']}, the end of the "
+        f"warm-up; selecting again, " + (f"with the lower rate {nxt[0]:g}" if nxt[1] == 1 else
+                                         f"with {nxt[0]:g} trained again at {nxt[1]}x the patience")
+        + " (the rates trained are kept)")
     for p in (d / "results.json", d / "eval_ipo.json", d / "eval_ipo.parts.json", d / "ipo" / "edit.safetensors"):
         p.unlink(missing_ok=True)
     return True

@@ -452,17 +452,21 @@ class _FakeEdit:
     ([8e-3], lambda lr: 20 if lr > 1e-3 else 150, lambda lr: lr, [8e-3, 2e-3, 5e-4], 5e-4),
     # every rate too fast: at most LR_DOWN_MAX rates below the grid
     ([0.1], lambda lr: 20, lambda lr: lr, [0.1, 0.025, 0.00625], 0.00625),
-    # too fast but not the lowest rate tried: the grid brackets it, nothing more
-    ([1e-4, 8e-3], lambda lr: 20, lambda lr: -lr, [1e-4, 8e-3], 8e-3),
-    # the rate below is worse: the rate kept is no longer the lowest tried, so the search stops
-    ([8e-3], lambda lr: 20, lambda lr: -lr, [8e-3, 2e-3], 8e-3),
+    # too fast but not the lowest rate tried, and the rate below stopped by the patience rule: that one again with
+    # PATIENCE_UP times the patience, once
+    ([1e-4, 8e-3], lambda lr: 20, lambda lr: -lr, [1e-4, 8e-3, 1e-4], 8e-3),
+    # the rate below the grid is worse: it is trained again with more patience, then the search stops
+    ([8e-3], lambda lr: 20, lambda lr: -lr, [8e-3, 2e-3, 2e-3], 8e-3),
+    # the rate kept is not too fast: nothing more
+    ([1e-4, 8e-3], lambda lr: 150, lambda lr: -lr, [1e-4, 8e-3], 8e-3),
 ])
 def test_select_ipo_tries_lower_rates_when_the_lowest_is_too_fast(tmp_path, monkeypatch, lrs, best_step, loss, tried,
                                                                   chosen):
-    calls = []
+    calls, patience = [], []
 
-    def fake_train(model, tok, pairs_train, pairs_val, prompts, mask, *, lr, out_dir, ref_dir, log, **kw):
+    def fake_train(model, tok, pairs_train, pairs_val, prompts, mask, *, lr, out_dir, ref_dir, log, stop, **kw):
         calls.append(lr)
+        patience.append((stop.patience, out_dir.name))
         return _FakeEdit(), {"val_loss": loss(lr), "best_step": best_step(lr), "steps": 200, "converged": True,
                              "warmup": ipo.WARMUP, "curve": [{"step": 0, "val_loss": 25.0}], "lr": lr}
 
@@ -471,5 +475,9 @@ def test_select_ipo_tries_lower_rates_when_the_lowest_is_too_fast(tmp_path, monk
                           stop=ipo.StopRule(every=10))
     assert calls == pytest.approx(tried) and m["lr"] == pytest.approx(chosen)
     grid = m["selection"]["grid"]
-    assert [g["below_grid"] for g in grid] == [False] * len(lrs) + [True] * (len(tried) - len(lrs))
-    assert not ipo.needs_lower(m["selection"], 10)
+    assert [g["below_grid"] for g in grid] == [g["lr"] < min(lrs) for g in grid]
+    assert [g["patience_factor"] for g in grid] == [1 + (ipo.PATIENCE_UP - 1) * (g["lr"] in [x["lr"] for x in grid[:k]])
+                                                   for k, g in enumerate(grid)]
+    assert [p for p, _ in patience] == [4 * g["patience_factor"] for g in grid]  # the stopping rule's patience
+    assert len({d for _, d in patience}) == len(patience)  # each training in its own directory
+    assert ipo.next_try(m["selection"], 10) is None and grid[m["selection"]["chosen"]]["lr"] == pytest.approx(chosen)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import ipo
 import run
 import truthfulqa
 from tiny import tiny_config, write_tiny
@@ -510,3 +511,20 @@ def test_a_run_whose_rate_was_too_fast_is_selected_again(tmp_path):
     assert not run.reselect(d, cfg, None) and not run.reselect(d, cfg, {"selection": {}})
     assert run.reselect(d, cfg, sel(30))  # best one validation after the 20-step warm-up
     assert [f.exists() for f in files] == [False, False, True, False, True]
+    # the rate kept (6.4e-3) is not the lowest, and the lower one (1.6e-3) stopped on a plateau: selected again, to
+    # train 1.6e-3 with more patience; once that is done (its patience_factor > 1), nothing more
+    grid = [{"lr": 1.6e-3, "best_step": 40, "converged": True, "below_grid": False},
+            {"lr": 6.4e-3, "best_step": 20, "converged": True, "below_grid": False}]
+    for f in files:
+        f.write_text("x")
+    assert run.reselect(d, cfg, {"selection": {"chosen_lr": 6.4e-3, "chosen": 1, "grid": grid}})
+    assert not files[0].exists() and files[-1].exists()
+    for f in files:
+        f.write_text("x")
+    again = grid + [{**grid[0], "patience_factor": ipo.PATIENCE_UP}]
+    assert not run.reselect(d, cfg, {"selection": {"chosen_lr": 6.4e-3, "chosen": 1, "grid": again}})
+    # a rate trained again with more patience is not a rate of the grid
+    run.check_lr_grid(d, cfg, {"heads": ["1.1"], "ipo": {"selection": {"grid": [
+        {"lr": lr, "below_grid": False, "patience_factor": f} for lr, f in
+        [(x, 1) for x in ipo.lr_grid(torch.ones(1, dtype=torch.bool), cfg.lr_factors)]
+        + [(ipo.lr_grid(torch.ones(1, dtype=torch.bool), cfg.lr_factors)[0], ipo.PATIENCE_UP)]]}}})
