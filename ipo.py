@@ -763,8 +763,9 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
     """The same selection for every edit: train one edit per learning rate in `lrs` (each to convergence by
     the same `StopRule`, in out_dir/lr<lr>/, sharing one reference pass) and keep the one with the lowest
     validation IPO loss. When the rate kept is too fast (best at the end of the warm-up), `next_try` says what
-    to train next: a rate below the grid, or a lower rate again with more patience. Returns (edit, metrics of the chosen run + "selection"); the chosen edit is also saved to
-    out_dir/edit.safetensors. kw: the rest of `train_ipo`'s arguments."""
+    to train next: a rate below the grid, or a lower rate again with more patience (in out_dir/lr<lr>-p<n>/).
+    Returns (edit, metrics of the chosen run + "selection"); the chosen edit is also saved to
+    out_dir/edit.safetensors. kw: the rest of `train_ipo`'s arguments (`stop` the StopRule)."""
     lrs = list(lrs)
     if not lrs:
         raise ValueError("select_ipo: an empty learning-rate grid")

@@ -523,6 +523,7 @@ def test_a_run_whose_rate_was_too_fast_is_selected_again(tmp_path):
         f.write_text("x")
     again = grid + [{**grid[0], "patience_factor": ipo.PATIENCE_UP}]
     assert not run.reselect(d, cfg, {"selection": {"chosen_lr": 6.4e-3, "chosen": 1, "grid": again}})
+    assert run._patience(again[-1]) == " (4x patience)" and run._patience(grid[0]) == ""  # told apart in the report
     # a rate trained again with more patience is not a rate of the grid
     run.check_lr_grid(d, cfg, {"heads": ["1.1"], "ipo": {"selection": {"grid": [
         {"lr": lr, "below_grid": False, "patience_factor": f} for lr, f in
