@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import ipo
 import stats
 from llama import write_file_atomic
 from run import (METRICS, PROBE_LAYOUT_TEXT, DTYPE_HELP, Context, RunConfig, UserError, log, resolve_dtype, run,
@@ -289,8 +290,8 @@ def table_rows(runs, res: dict) -> list[dict]:
                      "alpha": c.alpha if c.method == "iti" else None, "tau": c.tau if c.method == "ipo" else None,
                      "knob": c.alpha if c.method == "iti" else c.tau, "lr": i.get("lr"), "steps": i.get("steps"),
                      "converged": i.get("converged") if label == "ipo" else None, "val_loss": i.get("val_loss"),
-                     "at_warmup": label == "ipo" and "best_step" in i and i["best_step"] <= i.get("warmup", 0) + i.get(
-                         "rule", {}).get("every", 0),  # kept its first checkpoint after the warm-up
+                     "at_warmup": label == "ipo" and "best_step" in i and "rule" in i and ipo.too_fast(
+                         i, i["rule"]["every"]),  # kept its first checkpoint after the warm-up
                      "heldout_loss": heldout_ipo_loss(r, label, c.tau) if c.method == "ipo" else None,
                      **{k: m[k]["value"] for k in METRICS if k in m}, "ci": {k: m[k]["ci95"] for k in METRICS if k in m},
                      "probe_acc": float(np.mean(list(r["probe_acc_of_heads"].values())))

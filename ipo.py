@@ -526,6 +526,12 @@ LR_DOWN_MAX = 2  # at most this many rates below the grid
 PATIENCE_UP = 4  # a rate the stopping rule cut short on a plateau is trained again with this many times the patience
 
 
+def too_fast(g: dict, every: int) -> bool:
+    """Whether a training record (train_ipo's metrics, or an entry of a selection's grid) kept its best validation
+    no later than one validation, every `every` steps, after the warm-up: the loss rose as soon as the rate was full."""
+    return g["best_step"] <= g.get("warmup", WARMUP) + every
+
+
 def next_try(selection: dict, every: int) -> tuple[float, int] | None:
     """What select_ipo trains next, as (learning rate, patience factor), or None when the selection is final.
     Only when the edit kept is too fast (its best validation came no later than one validation, every `every`
@@ -539,7 +545,7 @@ def next_try(selection: dict, every: int) -> tuple[float, int] | None:
     grid = selection["grid"]
     chosen = grid[selection["chosen"]] if "chosen" in selection else next(
         g for g in grid if g["lr"] == selection["chosen_lr"])
-    if chosen["best_step"] > chosen.get("warmup", WARMUP) + every:
+    if not too_fast(chosen, every):
         return None
     lower = [g for g in grid if g["lr"] < chosen["lr"]]
     if not lower:
