@@ -479,8 +479,10 @@ JUDGED = ("truth", "info", "truth_score", "info_score")  # what the judges give 
 
 def judge_ids(ctx: Context) -> list:
     """Which judges score this context's answers: each one's data checksum and training time (an external
-    judge: its path). Saved with every evaluation, so that answers judged by other judges are judged again."""
-    return [[j.meta.get("data_sha256"), j.meta.get("created")] for j in ctx.judges] if ctx.judged else []
+    judge: its path), and the rule beside its head (judge.VERBATIM) where it has one. Saved with every evaluation,
+    so that answers judged by other judges are judged again."""
+    return [[j.meta.get("data_sha256"), j.meta.get("created")] + ([j.rule] if getattr(j, "rule", None) else [])
+            for j in ctx.judges] if ctx.judged else []
 
 
 def apply_judges(ev: dict, qs: list, answers: list[str], ti: dict, ids: list) -> None:

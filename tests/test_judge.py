@@ -129,6 +129,37 @@ def test_judge_scores_in_unit_interval(tiny):
         j.score(["a", "b"], ["c"])
 
 
+def test_verbatim_reference_answers_take_the_references_verdict(tiny):
+    """A truth judge scores an answer that is one of its question's reference answers (up to case, punctuation and
+    spacing) 1 or 0 as the reference is correct or incorrect, whatever its head says; every other answer, and every
+    answer of an info judge, gets the head's score; `figures` counts the rule's lines with the judge, not the head."""
+    _, model, tok = tiny
+    yes, no = judge.yes_no_ids(tok)
+    verdicts = {"Is it?": {"yes it is": 1, "no": 0}}
+    head = judge.JudgeHead(model, 1, 3, yes, no)
+    meta = {"layout": "Q: {question}\nA: {answer}\nTrue:"}
+    t = judge.Judge("truth", head, model, tok, meta, verdicts=verdicts)
+    info = judge.Judge("info", head, model, tok, dict(meta, layout="Q: {question}\nA: {answer}\nHelpful:"),
+                       verdicts=verdicts)
+    qs, ans = ["Is it?", "Is it?", "Is it?", "What?"], ["Yes,  it IS!", "No.", "Yes, it is not.", "no"]
+    head_only = judge.Judge("truth", head, model, tok, meta).score(qs, ans)
+    s = t.score(qs, ans)
+    assert s[:2].tolist() == [1.0, 0.0] and torch.equal(s[2:], head_only[2:])  # "What?" has no references
+    assert head_only[0] < 1 and head_only[1] > 0  # the untrained head's scores: the rule changed them
+    assert info.rule is None and t.rule == judge.VERBATIM
+    assert torch.equal(info.score(qs, ans), judge.score_together([info], qs, ans)[0])
+    assert torch.equal(judge.score_together([t], qs, ans, rule=False)[0], head_only)
+    # the figures: the head wrong on both verbatim lines, right on the two others
+    z, y = torch.tensor([-2.0, 3.0, 1.0, -1.0]), torch.tensor([1, 0, 1, 0])
+    f = judge.figures(z, y, judge.verbatim(qs, ans, verdicts))
+    assert f["accuracy"] == 1.0 and f["head_alone"]["accuracy"] == 0.5 and f["verbatim_references"] == 2
+    assert f["not_a_reference"]["n"] == 2 and f["not_a_reference"]["accuracy"] == 1.0
+    # a reference listed both as correct and incorrect is left to the head
+    assert judge.reference_verdicts()  # the real CSV: every question has a table
+    both = {"Q?": {"a": 1}}
+    assert judge.verbatim(["Q?", "Q?"], ["A.", "b"], both)[0] == 1 and torch.isnan(judge.verbatim(["Q?"], ["b"], both))[0]
+
+
 def test_two_judges_share_one_frozen_pass(tiny, monkeypatch):
     _, model, tok = tiny
     yes, no = judge.yes_no_ids(tok)
@@ -159,14 +190,20 @@ def test_train_save_load_and_mismatched_data(tiny, tmp_path, monkeypatch, capsys
     monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(judge, "RECIPE", TINY_RECIPE)
     lines = learnable_lines()
+    lines += [(q, "yes, indeed" if n % 2 else "NO never!", "yes" if n % 2 else "no")  # verbatim references
+              for n, q in enumerate(dict.fromkeys(q for q, _, _ in lines))]
     data = write_data(tmp_path / "data", lines)
     judges = judge.train_judges(("truth", "info"), data=data, backbone=str(path), model=model, tokenizer=tok)
     for kind, j in judges.items():
         v = j.meta["validation"]
+        d = judge.judge_data(kind, data)
+        n_ref = sum(d.answers[i] in ("yes, indeed", "NO never!") for i in judge._splits(d.questions, 0.1, 0)[0])
+        assert v["random_lines"]["verbatim_references"] == (n_ref if kind == "truth" else 0) and n_ref > 0
+        assert v["random_lines"]["not_a_reference"]["n"] == v["random_lines"]["n"] - v["random_lines"]["verbatim_references"]
         # both kinds learn the rule (the tiny data labels truth and info alike): held-out lines well above chance
         assert v["random_lines"]["accuracy"] >= 0.75 and v["random_lines"]["balanced_accuracy"] >= 0.7
         assert v["random_lines"]["n"] == round(0.1 * len(lines))
-        assert v["question_disjoint"]["questions"] == 4 and v["question_disjoint"]["n"] == 20
+        assert v["question_disjoint"]["questions"] == 4 and v["question_disjoint"]["n"] == 24  # 6 lines each
         assert j.meta["data_sha256"] == judge.data_sha256(kind, data) and j.meta["backbone"] == str(path)
         assert (judge.judge_dir(kind, j.meta["data_sha256"], str(path)) / "head.safetensors").is_file()
     # the rule is learnt: the final judge separates the training lines, and held-out lines well above chance
@@ -179,6 +216,8 @@ def test_train_save_load_and_mismatched_data(tiny, tmp_path, monkeypatch, capsys
     h = judge.holdout(judges["truth"], data, halves=20)
     v = judges["truth"].meta["validation"]["random_lines"]
     assert h["n"] == v["n"] and h["at"]["0.5"]["accuracy"] == pytest.approx(v["accuracy"], abs=1e-6)
+    for part in ("head_alone", "not_a_reference"):
+        assert h["at_0.5"][part]["accuracy"] == pytest.approx(v[part]["accuracy"], abs=1e-6), part
     assert h["at"]["0.5"]["balanced_accuracy"] == pytest.approx(v["balanced_accuracy"], abs=1e-6)
     assert 0.5 < h["auc"] <= 1 and judge.auc(torch.tensor([0.2, 0.9, 0.5]), torch.tensor([0, 1, 0])) == 1.0
     assert judge.auc(torch.tensor([0.2, 0.9, 0.5, 0.5]), torch.tensor([1, 0, 1, 0])) == pytest.approx(0.125)

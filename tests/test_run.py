@@ -529,3 +529,21 @@ def test_a_run_whose_rate_was_too_fast_is_selected_again(tmp_path):
         {"lr": lr, "below_grid": False, "patience_factor": f} for lr, f in
         [(x, 1) for x in ipo.lr_grid(torch.ones(1, dtype=torch.bool), cfg.lr_factors)]
         + [(ipo.lr_grid(torch.ones(1, dtype=torch.bool), cfg.lr_factors)[0], ipo.PATIENCE_UP)]]}}})
+
+
+def test_the_verbatim_rule_is_part_of_the_judges_identity():
+    """A truth judge with the verbatim-reference rule has another identity than the same head without it, so an
+    evaluation its head alone judged is stale (judged again when the run is next read); an info judge has none."""
+    from types import SimpleNamespace
+
+    import judge
+
+    def j(kind, verdicts):
+        return SimpleNamespace(meta={"data_sha256": "abc", "created": "then"},
+                               rule=judge.VERBATIM if verdicts and kind == "truth" else None)
+
+    ctx = SimpleNamespace(judged=True, judges=[j("truth", {"q": {}}), j("info", {"q": {}})])
+    old = SimpleNamespace(judged=True, judges=[j("truth", None), j("info", None)])
+    assert run.judge_ids(ctx) == [["abc", "then", judge.VERBATIM], ["abc", "then"]]
+    ev = {"judges": run.judge_ids(old), "per_question": {"repetitive": []}, "pairs": []}
+    assert run.stale(ctx, ev) == ["judges"] and run.stale(old, ev) == []
