@@ -117,6 +117,51 @@ def test_untrained_head_reproduces_backbone(tiny, k, refs):
             judge.frozen_pass(model, tok, qs, ans, layouts, k, L, progress=False, refs={})
 
 
+def test_a_step_in_parts_is_the_whole_batch_step(tiny, monkeypatch):
+    """A head step runs its batch in parts of similar context length (judge.PART lines): the logits and the
+    gradient of the batch's mean loss are the whole padded batch's; head_logits gives each line's own logit, in
+    the order asked, repeats included."""
+    _, model, tok = tiny
+    qs = [f"Question {i % 5}{'?' * (i % 7)}" for i in range(23)]
+    ans = ["Yes" * (i % 4) + "." for i in range(23)]
+    feats = judge.frozen_pass(model, tok, qs, ans, {"truth": "Q: {question}\nA: {answer}\nTrue:"}, 1, 3,
+                              progress=False)["truth"]
+    yes, no = judge.yes_no_ids(tok)
+    torch.manual_seed(0)
+    head = judge.JudgeHead(model, 1, 3, yes, no)
+    idx = list(range(23))[::-1]
+    y = torch.tensor([i % 2 for i in range(23)]).float()
+    parts = judge.by_context(feats, idx, 4)
+    assert sorted(i for p_ in parts for i in p_) == sorted(idx) and len(parts) == 6
+    assert len({len(feats.ctx[i]) for i in idx}) > 3  # contexts of several lengths: parts pad less
+    whole = torch.nn.functional.binary_cross_entropy_with_logits(head(*judge._batch(feats, idx)), y[idx])
+    g_whole = torch.autograd.grad(whole, list(head.parameters()))
+    z_parts, g_parts = {}, [torch.zeros_like(p_) for p_ in head.parameters()]
+    for part in parts:
+        z = head(*judge._batch(feats, part))
+        z_parts.update(zip(part, z.detach()))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y[part], reduction="sum") / len(idx)
+        for acc, g in zip(g_parts, torch.autograd.grad(loss, list(head.parameters()))):
+            acc += g
+    for a, b in zip(g_whole, g_parts):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        z_whole = head(*judge._batch(feats, idx))
+    asked = [3, 0, 3, 22]
+    torch.testing.assert_close(judge.head_logits(head, feats, asked, batch_size=2), z_whole[[22 - i for i in asked]],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.stack([z_parts[i] for i in idx]), z_whole, rtol=0, atol=1e-5)
+    # fit_head itself: trained in parts of 3 lines, the same head as in whole batches of 8
+    recipe = dict(TINY_RECIPE, epochs=2, batch=8)
+    heads = []
+    for part in (3, 1000):
+        monkeypatch.setattr(judge, "PART", part)
+        heads.append(judge.fit_head(model, feats, y.long(), idx, yes, no, recipe, what=f"parts of {part}"))
+    for (name, a), b in zip(heads[0].named_parameters(), heads[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.allclose(heads[0].readout, head.readout)  # it trained
+
+
 def test_judge_scores_in_unit_interval(tiny):
     _, model, tok = tiny
     yes, no = judge.yes_no_ids(tok)
