@@ -449,40 +449,51 @@ class JudgeHead(nn.Module):
         self.float().requires_grad_(True)
         self._rope = model.rope
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv, mask, pos: torch.Tensor) -> torch.Tensor:
         """x: [B, M] residual at layer k of the last token; kv: [B, S, n, 2, Kh, D] its context's frozen
-        keys/values; mask: [B, S] bool (False = padding); pos: [B] the last token's position."""
+        keys/values; mask: [B, S] bool (False = padding); pos: [B] the last token's position. kv and mask may
+        also be lists, one entry per consecutive part of the batch, each padded to its own S (see `_batch_parts`):
+        the attention runs part by part, every other matmul on the whole batch."""
+        kvs, masks = ([kv], [mask]) if isinstance(kv, torch.Tensor) else (kv, mask)
         r = x.float()[:, None]  # [B, 1, M]
         cos, sin = self._rope(pos[:, None])  # [B, 1, 1, D]
         for j, layer in enumerate(self.layers):
-            o = self.attend(layer, layer.attn_norm(r), cos, sin, kv[:, :, j], mask)  # [B, 1, H, D]
+            o = self.attend(layer, layer.attn_norm(r), cos, sin, [c[:, :, j] for c in kvs], masks)  # [B, 1, H, D]
             r = r + F.linear(o.flatten(2), layer.wo.weight)  # eq. 2.4: r += sum_h W_h o_h, [B, 1, M]
             r = r + layer.mlp(layer.mlp_norm(r))
         logits = F.linear(self.norm(r[:, 0]), self.readout)  # [B, 2]
         return logits[:, 0] - logits[:, 1]  # [B]
 
     @staticmethod
-    def attend(layer, x: torch.Tensor, cos, sin, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attend(layer, x: torch.Tensor, cos, sin, kvs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
         """One query (the last token) over its frozen context plus its own key/value, written out (a single
         query needs no flash kernel, and its backward is far cheaper this way).
-        x: [B, 1, M] normalised; kv: [B, S, 2, Kh, D]; mask: [B, S] -> o: [B, 1, H, D]."""
+        x: [B, 1, M] normalised; kvs: per part [B_p, S_p, 2, Kh, D]; masks: per part [B_p, S_p]; the parts'
+        B_p sum to B -> o: [B, 1, H, D]."""
         B = x.shape[0]
         H, Kh, D = layer.H, layer.K, layer.D
         q, k, v = (F.linear(x, w.weight) for w in (layer.wq, layer.wk, layer.wv))  # [B, 1, H*D], [B, 1, Kh*D] x2
         q = q.view(B, 1, H, D).transpose(1, 2)  # [B, H, 1, D]
         k = k.view(B, 1, Kh, D).transpose(1, 2)  # [B, Kh, 1, D]
+        v = v.view(B, 1, Kh, D).transpose(1, 2)  # [B, Kh, 1, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # at the last position
-        K = torch.cat([kv[:, :, 0].transpose(1, 2).to(k.dtype), k], dim=2)  # [B, Kh, S+1, D]
-        V = torch.cat([kv[:, :, 1].transpose(1, 2).to(v.dtype), v.view(B, 1, Kh, D).transpose(1, 2)], dim=2)
         q = q.reshape(B, Kh, H // Kh, D)  # query heads grouped by the key/value head they share (GQA)
-        scores = (q @ K.transpose(-1, -2)).float() / D ** 0.5  # [B, Kh, H/Kh, S+1]
-        keep = torch.cat([mask, mask.new_ones(B, 1)], dim=1)[:, None, None]  # [B, 1, 1, S+1]
-        att = scores.masked_fill(~keep, float("-inf")).softmax(-1)  # [B, Kh, H/Kh, S+1]
-        o = att.to(V.dtype) @ V  # [B, Kh, H/Kh, D]
-        return o.reshape(B, H, D)[:, None]  # [B, 1, H, D]
+        out, b0 = [], 0
+        for kv, mask in zip(kvs, masks):
+            b = slice(b0, b0 + kv.shape[0])  # this part's rows of the batch
+            b0 = b.stop
+            K = torch.cat([kv[:, :, 0].transpose(1, 2).to(k.dtype), k[b]], dim=2)  # [B_p, Kh, S+1, D]
+            V = torch.cat([kv[:, :, 1].transpose(1, 2).to(v.dtype), v[b]], dim=2)  # [B_p, Kh, S+1, D]
+            scores = (q[b] @ K.transpose(-1, -2)).float() / D ** 0.5  # [B_p, Kh, H/Kh, S+1]
+            keep = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)[:, None, None]  # [B_p, 1, 1, S+1]
+            att = scores.masked_fill(~keep, float("-inf")).softmax(-1)  # [B_p, Kh, H/Kh, S+1]
+            out.append(att.to(V.dtype) @ V)  # [B_p, Kh, H/Kh, D]
+        return torch.cat(out).reshape(B, H, D)[:, None]  # [B, 1, H, D]
 
 
 def _batch(feats: Features, idx: list[int]):
+    """x [B, M], kv [B, S, n, 2, Kh, D] (gathered from the store, padded to the longest context), mask [B, S],
+    pos [B] of the lines idx."""
     ctx = [feats.ctx[i] for i in idx]
     S = max(len(c) for c in ctx)
     index = torch.zeros(len(idx), S, dtype=torch.long)
@@ -493,15 +504,23 @@ def _batch(feats: Features, idx: list[int]):
     return feats.x[idx], kv, mask, feats.pos[idx]
 
 
+def _batch_parts(feats: Features, parts: list[list[int]]):
+    """The head's input for the lines of `parts` in that order: x [B, M], per part kv and mask (each padded to its
+    own longest context, see `by_context`), pos [B]."""
+    got = [_batch(feats, p) for p in parts]
+    return (torch.cat([g[0] for g in got]), [g[1] for g in got], [g[2] for g in got],
+            torch.cat([g[3] for g in got]))
+
+
 def _autocast(feats: Features):
     """The head runs in bf16 autocast on bf16 features (the backbone's dtype), in plain fp32 on fp32 ones."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=feats.x.dtype == torch.bfloat16)
 
 
-# Lines a head step runs at once: a batch is cut into parts of this many lines of similar context length (the
-# keys/values a line attends to: its question part and its own tokens, 15-400 rows). Padded to the longest of the
-# whole batch, two thirds of what a step gathered from the store was padding.
-PART = 32
+# A head step's attention runs in parts of this many lines of similar context length (the keys/values a line
+# attends to: its question part and its own tokens, 15-400 rows; every other matmul runs on the whole batch).
+# Padded to the longest of the whole batch, about two thirds of what a step gathered from the store was padding.
+PART = 16
 
 
 def by_context(feats: Features, idx: list[int], part: int | None = None) -> list[list[int]]:
@@ -563,15 +582,13 @@ def fit_head(model: Llama, feats: Features, labels: torch.Tensor, train_idx: lis
                 saved = time.time()
             if stopping:
                 raise KeyboardInterrupt
-            idx = order[s:s + bs]
+            parts = by_context(feats, order[s:s + bs])  # the batch, in parts of similar context length
+            rows = [i for p_ in parts for i in p_]
+            with _autocast(feats):
+                z = head(*_batch_parts(feats, parts)).float()  # [B]
+            loss = F.binary_cross_entropy_with_logits(z, labels[rows].float())
             opt.zero_grad(set_to_none=True)
-            loss = 0.0
-            for part in by_context(feats, idx):  # the batch's mean loss, its gradient summed part by part
-                with _autocast(feats):
-                    z = head(*_batch(feats, part)).float()  # [len(part)]
-                part_loss = F.binary_cross_entropy_with_logits(z, labels[part].float(), reduction="sum") / len(idx)
-                part_loss.backward()
-                loss += part_loss.detach()
+            loss.backward()
             opt.step()
             sched.step()
             loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()

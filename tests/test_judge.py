@@ -118,9 +118,9 @@ def test_untrained_head_reproduces_backbone(tiny, k, refs):
 
 
 def test_a_step_in_parts_is_the_whole_batch_step(tiny, monkeypatch):
-    """A head step runs its batch in parts of similar context length (judge.PART lines): the logits and the
-    gradient of the batch's mean loss are the whole padded batch's; head_logits gives each line's own logit, in
-    the order asked, repeats included."""
+    """A head step runs its attention in parts of similar context length (judge.PART lines): the logits and the
+    gradient of the batch's mean loss are the whole padded batch's, and fit_head trains the same head;
+    head_logits gives each line's own logit, in the order asked, repeats included."""
     _, model, tok = tiny
     qs = [f"Question {i % 5}{'?' * (i % 7)}" for i in range(23)]
     ans = ["Yes" * (i % 4) + "." for i in range(23)]
@@ -151,6 +151,9 @@ def test_a_step_in_parts_is_the_whole_batch_step(tiny, monkeypatch):
     torch.testing.assert_close(judge.head_logits(head, feats, asked, batch_size=2), z_whole[[22 - i for i in asked]],
                                rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.stack([z_parts[i] for i in idx]), z_whole, rtol=0, atol=1e-5)
+    with torch.no_grad():  # the parts in one forward (attention part by part): each line's logit again
+        z_joint = head(*judge._batch_parts(feats, parts))
+    torch.testing.assert_close(z_joint, torch.stack([z_parts[i] for p_ in parts for i in p_]), rtol=0, atol=1e-5)
     # fit_head itself: trained in parts of 3 lines, the same head as in whole batches of 8
     recipe = dict(TINY_RECIPE, epochs=2, batch=8)
     heads = []
