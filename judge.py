@@ -30,6 +30,7 @@ retrains when the data file's or the references' checksum or the recipe differs 
 
 CLI:  python judge.py train [--kind truth|info|both] [--data DIR]
       python judge.py holdout [--kind truth|info|both]    accuracy on every held-out line, by decision threshold
+      python judge.py bench [--lines N]    speed of the frozen pass and of head steps (attention parts side by side)
       python judge.py score --kind truth --question Q --answer A     (or --jsonl FILE with question/answer)
       python judge.py score ... --judge-model DIR    an external judge model (ExternalJudge), e.g. Llama-2-7B
 """
@@ -1065,35 +1066,44 @@ def holdout(j: Judge, data=None, version: str = "v0", thresholds=(0.3, 0.4, 0.5,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmark (bench.py calls this)
+# Benchmark (`python judge.py bench`)
 
 
-def bench_judge(n_lines: int = 200, steps: int = 30) -> dict:
-    """Speed of the two parts of judge training on the default backbone: the shared frozen pass (lines/s, both
-    kinds) and head training (steps/s at the recipe's batch size), plus scoring (answers/s)."""
-    model, tokenizer = _load_backbone(BACKBONE)
-    d = judge_data("truth")
-    layouts = {kind: reading_layout(kind) for kind in KINDS}
-    refs = references() if RECIPE["references"] else None
-    qs, ans = d.questions[:n_lines], d.answers[:n_lines]
-    t = time.time()
-    feats = frozen_pass(model, tokenizer, qs, ans, layouts, RECIPE["k"], RECIPE["top"], progress=False, refs=refs)
-    t_pass = time.time() - t
-    yes_id, no_id = yes_no_ids(tokenizer)
-    labels = torch.tensor(d.labels[:n_lines])
+def bench_judge(n_lines: int = 768, parts=(0, 64, 32, 16), repeat: int = 2, model=None, tokenizer=None,
+                data=None, seed: int = 0) -> dict:
+    """Speed of the two parts of judge training: the shared frozen pass (lines/s, both kinds, all threads) over
+    `n_lines` random judge lines, then head steps/s (one thread, as each kind trains beside the other; the
+    recipe's batch) with the attention in parts of each size in `parts` (0: the whole batch, as before PART),
+    side by side on the same lines and head, the sizes alternating, best of `repeat`. Prints and returns JSON."""
+    model, tokenizer = _load_backbone(BACKBONE, model, tokenizer)
+    d = judge_data("truth", data)
+    pick = sorted(random.Random(seed).sample(range(len(d.questions)), min(n_lines, len(d.questions))))
+    qs, ans = [d.questions[i] for i in pick], [d.answers[i] for i in pick]
     rec = dict(RECIPE, epochs=1)
-    idx = list(range(min(n_lines, steps * rec["batch"])))
     t = time.time()
-    head = fit_head(model, feats["truth"], labels, idx, yes_id, no_id, rec, what="bench: head steps")
-    t_fit = time.time() - t
-    j = Judge("truth", head, model, tokenizer, {"layout": layouts["truth"]}, refs)
-    t = time.time()
-    j.score(qs[:64], ans[:64])
-    t_score = time.time() - t
-    n_steps = (len(idx) + rec["batch"] - 1) // rec["batch"]
-    out = {"frozen_pass_lines_per_s": n_lines / t_pass, "head_steps_per_s": n_steps / t_fit,
-           "score_answers_per_s": 64 / t_score, "threads": torch.get_num_threads(),
-           "recipe": {k_: RECIPE[k_] for k_ in ("k", "top", "batch")}}
+    feats = frozen_pass(model, tokenizer, qs, ans, {kind: reading_layout(kind, data) for kind in KINDS}, rec["k"],
+                        rec["top"], progress=False, refs=references(data) if rec["references"] else None)["truth"]
+    out = {"frozen_pass_lines_per_s": len(pick) / (time.time() - t), "lines": len(pick),
+           "context_rows_mean": sum(len(c) for c in feats.ctx) / len(pick), "head_steps_per_s": {}}
+    labels, (yes_id, no_id) = torch.tensor([d.labels[i] for i in pick]), yes_no_ids(tokenizer)
+    n_steps = (len(pick) + rec["batch"] - 1) // rec["batch"]
+    global PART
+    saved, threads = PART, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(repeat):
+            for part in parts:
+                PART = part or len(pick)
+                t = time.time()
+                fit_head(model, feats, labels, list(range(len(pick))), yes_id, no_id, rec, seed=seed,
+                         what=f"bench: head steps, attention in parts of {part or 'the whole batch'}")
+                v = n_steps / (time.time() - t)
+                key = str(part or "whole batch")
+                out["head_steps_per_s"][key] = max(v, out["head_steps_per_s"].get(key, 0.0))
+    finally:
+        PART = saved
+        torch.set_num_threads(threads)
+    out.update(threads_frozen_pass=threads, threads_head=1, batch=rec["batch"])
     print(json.dumps(out))
     return out
 
@@ -1111,6 +1121,9 @@ def main(argv=None) -> int:
     h = sub.add_parser("holdout", help="score a cached judge again on all its held-out lines: accuracy at each "
                        "decision threshold, AUC, a threshold chosen on held-out lines (cross-fitted)")
     h.add_argument("--kind", choices=("truth", "info", "both"), default="both")
+    b = sub.add_parser("bench", help="speed of judge training: the frozen pass, and head steps with the attention "
+                       "in parts of several sizes, side by side")
+    b.add_argument("--lines", type=int, default=768)
     s = sub.add_parser("score", help="score answers with a cached judge")
     s.add_argument("--kind", choices=KINDS, required=True)
     s.add_argument("--question")
@@ -1131,6 +1144,9 @@ def main(argv=None) -> int:
             for kind, j in judges.items():
                 print(json.dumps({"kind": kind, "validation": j.meta["validation"],
                                   "train_seconds": j.meta["train_seconds"], "created": j.meta["created"]}))
+            return 0
+        if args.cmd == "bench":
+            bench_judge(args.lines)
             return 0
         if args.cmd == "holdout":
             for kind in (KINDS if args.kind == "both" else (args.kind,)):

@@ -521,3 +521,17 @@ def test_external_judge_scores_a_tiny_model_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(Tokenizer, "encode", lambda self, text, bos=False: [5, 6] if "yes" in text else [5, 7, 8])
     with pytest.raises(ValueError, match="no single ' yes' / ' no' token"):
         judge.ExternalJudge("truth", path, dtype="fp32")
+
+
+def test_bench_measures_each_part_size(tiny, tmp_path, monkeypatch, capsys):
+    """`python judge.py bench`'s function on a tiny backbone: a figure for the frozen pass and for each part size,
+    one thread for the head steps, and PART and the thread count as they were."""
+    _, model, tok = tiny
+    monkeypatch.setattr(judge, "RECIPE", TINY_RECIPE)
+    data = write_data(tmp_path / "data", learnable_lines(n_q=8))
+    threads = torch.get_num_threads()
+    out = judge.bench_judge(24, parts=(0, 4), repeat=1, model=model, tokenizer=tok, data=data)
+    assert out["lines"] == 24 and out["frozen_pass_lines_per_s"] > 0 and out["threads_head"] == 1
+    assert set(out["head_steps_per_s"]) == {"whole batch", "4"} and min(out["head_steps_per_s"].values()) > 0
+    assert judge.PART == 16 and torch.get_num_threads() == threads
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
