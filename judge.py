@@ -689,7 +689,7 @@ def score_together(judges: list, questions: list[str], answers: list[str], batch
         layouts = {j.kind: j.meta["layout"] for j in js}
         if len(layouts) < len(js):  # two judges of one kind: the frozen pass keys its features by kind
             for i in idx:
-                out[i] = score_together([judges[i]], questions, answers, batch_size)[0]
+                out[i] = score_together([judges[i]], questions, answers, batch_size, rule)[0]
             continue
         feats = frozen_pass(js[0].model, js[0].tokenizer, questions, answers, layouts, js[0].head.k,
                             js[0].head.top, progress=len(questions) > 500, refs=js[0].refs)
@@ -1070,12 +1070,12 @@ def holdout(j: Judge, data=None, version: str = "v0", thresholds=(0.3, 0.4, 0.5,
 
 
 def bench_judge(n_lines: int = 768, parts=(0, 64, 32, 16), repeat: int = 2, model=None, tokenizer=None,
-                data=None, seed: int = 0) -> dict:
+                data=None, seed: int = 0, backbone: str = BACKBONE) -> dict:
     """Speed of the two parts of judge training: the shared frozen pass (lines/s, both kinds, all threads) over
     `n_lines` random judge lines, then head steps/s (one thread, as each kind trains beside the other; the
     recipe's batch) with the attention in parts of each size in `parts` (0: the whole batch, as before PART),
     side by side on the same lines and head, the sizes alternating, best of `repeat`. Prints and returns JSON."""
-    model, tokenizer = _load_backbone(BACKBONE, model, tokenizer)
+    model, tokenizer = _load_backbone(backbone, model, tokenizer)
     d = judge_data("truth", data)
     pick = sorted(random.Random(seed).sample(range(len(d.questions)), min(n_lines, len(d.questions))))
     qs, ans = [d.questions[i] for i in pick], [d.answers[i] for i in pick]
@@ -1129,7 +1129,7 @@ def main(argv=None) -> int:
     s.add_argument("--question")
     s.add_argument("--answer", help="the answer (may be empty)")
     s.add_argument("--jsonl", help="a file of {\"question\": ..., \"answer\": ...} lines")
-    for a in (t, h, s):
+    for a in (t, h, b, s):
         a.add_argument("--data", help="TruthfulQA data directory (default: $TRUTHFULQA_DIR or ../shared/data/truthfulqa)")
         a.add_argument("--version", default="v0", help="judge data version (only v0 ships finetune_*.jsonl)")
         a.add_argument("--backbone", default=BACKBONE, help=f"model name or directory (default {BACKBONE})")
@@ -1146,7 +1146,7 @@ def main(argv=None) -> int:
                                   "train_seconds": j.meta["train_seconds"], "created": j.meta["created"]}))
             return 0
         if args.cmd == "bench":
-            bench_judge(args.lines)
+            bench_judge(args.lines, data=args.data, backbone=args.backbone)
             return 0
         if args.cmd == "holdout":
             for kind in (KINDS if args.kind == "both" else (args.kind,)):

@@ -177,7 +177,7 @@ def test_judge_scores_in_unit_interval(tiny):
         j.score(["a", "b"], ["c"])
 
 
-def test_verbatim_reference_answers_take_the_references_verdict(tiny):
+def test_verbatim_reference_answers_take_the_references_verdict(tiny, tmp_path):
     """A truth judge scores an answer that is one of its question's reference answers (up to case, punctuation and
     spacing) 1 or 0 as the reference is correct or incorrect, whatever its head says; every other answer, and every
     answer of an info judge, gets the head's score; `figures` counts the rule's lines with the judge, not the head."""
@@ -195,17 +195,24 @@ def test_verbatim_reference_answers_take_the_references_verdict(tiny):
     assert s[:2].tolist() == [1.0, 0.0] and torch.equal(s[2:], head_only[2:])  # "What?" has no references
     assert head_only[0] < 1 and head_only[1] > 0  # the untrained head's scores: the rule changed them
     assert info.rule is None and t.rule == judge.VERBATIM
-    assert torch.equal(info.score(qs, ans), judge.score_together([info], qs, ans)[0])
+    assert info.verdicts is None and torch.equal(info.score(qs, ans), judge.score_together([info], qs, ans, rule=False)[0])
     assert torch.equal(judge.score_together([t], qs, ans, rule=False)[0], head_only)
     # the figures: the head wrong on both verbatim lines, right on the two others
     z, y = torch.tensor([-2.0, 3.0, 1.0, -1.0]), torch.tensor([1, 0, 1, 0])
     f = judge.figures(z, y, judge.verbatim(qs, ans, verdicts))
     assert f["accuracy"] == 1.0 and f["head_alone"]["accuracy"] == 0.5 and f["verbatim_references"] == 2
     assert f["not_a_reference"]["n"] == 2 and f["not_a_reference"]["accuracy"] == 1.0
-    # a reference listed both as correct and incorrect is left to the head
-    assert judge.reference_verdicts()  # the real CSV: every question has a table
-    both = {"Q?": {"a": 1}}
-    assert judge.verbatim(["Q?", "Q?"], ["A.", "b"], both)[0] == 1 and torch.isnan(judge.verbatim(["Q?"], ["b"], both))[0]
+    # the table from the CSV: an answer listed both as correct and incorrect is left to the head
+    rows = [("Q?", "a", "yes")]
+    data = write_data(tmp_path / "data", rows)
+    csv_path = data / "v0" / "TruthfulQA.csv"
+    text = csv_path.read_text()
+    assert '"Yes, indeed.","No, never."' in text
+    csv_path.write_text(text.replace('"Yes, indeed.","No, never."', '"Yes, indeed.; Maybe","No, never.; maybe!"'))
+    table = judge.reference_verdicts(data)["Q?"]
+    assert table == {"yes indeed": 1, "no never": 0}, table  # "Maybe" / "maybe!" is in both lists: not in the table
+    v = judge.verbatim(["Q?", "Q?", "Q?"], ["Yes, indeed", "MAYBE", "No never"], judge.reference_verdicts(data))
+    assert v[0] == 1 and torch.isnan(v[1]) and v[2] == 0
 
 
 def test_two_judges_share_one_frozen_pass(tiny, monkeypatch):
