@@ -1075,6 +1075,8 @@ def bench_judge(n_lines: int = 768, parts=(0, 64, 32, 16), repeat: int = 2, mode
     `n_lines` random judge lines, then head steps/s (one thread, as each kind trains beside the other; the
     recipe's batch) with the attention in parts of each size in `parts` (0: the whole batch, as before PART),
     side by side on the same lines and head, the sizes alternating, best of `repeat`. Prints and returns JSON."""
+    if n_lines < 1:
+        raise ValueError(f"judge.py bench --lines {n_lines}: expected a positive number of lines")
     model, tokenizer = _load_backbone(backbone, model, tokenizer)
     d = judge_data("truth", data)
     pick = sorted(random.Random(seed).sample(range(len(d.questions)), min(n_lines, len(d.questions))))

@@ -542,3 +542,5 @@ def test_bench_measures_each_part_size(tiny, tmp_path, monkeypatch, capsys):
     assert set(out["head_steps_per_s"]) == {"whole batch", "4"} and min(out["head_steps_per_s"].values()) > 0
     assert judge.PART == 16 and torch.get_num_threads() == threads
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert judge.main(["bench", "--lines", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "judge.py: error: judge.py bench --lines 0: expected a positive number of lines"
