@@ -192,6 +192,11 @@ def verbatim(questions: list[str], answers: list[str], verdicts: dict | None) ->
                         dtype=torch.float64)
 
 
+def ruled(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[N] the scores s with the VERBATIM rule's verdicts v (see `verbatim`) where it applies."""
+    return torch.where(torch.isnan(v), s, v.to(s.dtype))
+
+
 def refs_sha256(refs: dict | None) -> str | None:
     """A checksum of the reference answers a judge read (None: it read none)."""
     return None if refs is None else hashlib.sha256(json.dumps(refs, sort_keys=True).encode()).hexdigest()
@@ -519,14 +524,14 @@ def _autocast(feats: Features):
 
 
 # A head step's attention runs in parts of this many lines of similar context length (the keys/values a line
-# attends to: its question part and its own tokens, 15-400 rows; every other matmul runs on the whole batch).
-# Padded to the longest of the whole batch, about two thirds of what a step gathered from the store was padding.
+# attends to: its question part and its own tokens, 117 rows on average and up to 301 in 1,536 random lines; every
+# other matmul runs on the whole batch). Padded to the longest of the whole batch, most of what a step gathered from
+# the store was padding. `python judge.py bench` measures the part sizes side by side.
 PART = 16
 
 
-def by_context(feats: Features, idx: list[int], part: int | None = None) -> list[list[int]]:
-    """idx sorted by context length and cut into consecutive parts of at most `part` lines (default PART)."""
-    part = part or PART
+def by_context(feats: Features, idx: list[int], part: int) -> list[list[int]]:
+    """idx sorted by context length and cut into consecutive parts of at most `part` lines."""
     order = sorted(idx, key=lambda i: len(feats.ctx[i]))
     return [order[s:s + part] for s in range(0, len(order), part)]
 
@@ -544,8 +549,9 @@ def head_logits(head: JudgeHead, feats: Features, idx: list[int], batch_size: in
 
 def fit_head(model: Llama, feats: Features, labels: torch.Tensor, train_idx: list[int], yes_id: int, no_id: int,
              recipe: dict, seed: int = 0, what: str = "fit", ckpt: Path | None = None,
-             stop: threading.Event | None = None) -> JudgeHead:
-    """AdamW on the binary cross-entropy of sigmoid(logit_yes - logit_no) against the labels.
+             stop: threading.Event | None = None, part: int = PART) -> JudgeHead:
+    """AdamW on the binary cross-entropy of sigmoid(logit_yes - logit_no) against the labels. Each step's
+    attention runs in parts of `part` lines of similar context length (see PART; the same head for any `part`).
 
     With `ckpt`, the training state is saved there about every llama.SAVE_EVERY_S seconds, and a fit
     interrupted midway resumes from it (to the same head as an uninterrupted fit). `stop` (set by another
@@ -583,7 +589,7 @@ def fit_head(model: Llama, feats: Features, labels: torch.Tensor, train_idx: lis
                 saved = time.time()
             if stopping:
                 raise KeyboardInterrupt
-            parts = by_context(feats, order[s:s + bs])  # the batch, in parts of similar context length
+            parts = by_context(feats, order[s:s + bs], part)  # the batch, in parts of similar context length
             rows = [i for p_ in parts for i in p_]
             with _autocast(feats):
                 z = head(*_batch_parts(feats, parts)).float()  # [B]
@@ -609,12 +615,11 @@ def figures(z: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> dict:
     NaN where it does not apply): `accuracy` of the judge as it scores (the rule where it applies, the head
     elsewhere), and beside it the head alone and the lines that are not reference answers (most generated answers
     are not: they are where the judge does its work)."""
-    ruled = ~torch.isnan(v)  # [N]
-    z_judge = torch.where(ruled, torch.where(v > 0.5, 1.0, -1.0).to(z.dtype), z)  # the sign is the verdict
-    out = accuracy(z_judge, y)
-    out["verbatim_references"] = int(ruled.sum())
+    ref = ~torch.isnan(v)  # [N] the lines the rule judges
+    out = accuracy(ruled(z, 2 * v - 1), y)  # the rule's verdict as a logit's sign (+1 / -1)
+    out["verbatim_references"] = int(ref.sum())
     out["head_alone"] = {k: v_ for k, v_ in accuracy(z, y).items() if k != "n"}
-    out["not_a_reference"] = accuracy(z[~ruled], y[~ruled])
+    out["not_a_reference"] = accuracy(z[~ref], y[~ref])
     return out
 
 
@@ -695,8 +700,7 @@ def score_together(judges: list, questions: list[str], answers: list[str], batch
                             js[0].head.top, progress=len(questions) > 500, refs=js[0].refs)
         for i, j in zip(idx, js):
             s = torch.sigmoid(head_logits(j.head, feats[j.kind], list(range(len(questions))), batch_size))  # [N]
-            v = verbatim(questions, answers, j.verdicts if rule else None)  # [N] 1 / 0 / NaN
-            out[i] = torch.where(torch.isnan(v), s, v.to(s.dtype))
+            out[i] = ruled(s, verbatim(questions, answers, j.verdicts)) if rule else s
     return out
 
 
@@ -1042,7 +1046,7 @@ def holdout(j: Judge, data=None, version: str = "v0", thresholds=(0.3, 0.4, 0.5,
     qs, ans = [d.questions[i] for i in held], [d.answers[i] for i in held]
     s_head = score_together([j], qs, ans, rule=False)[0].double()  # [N] the head's scores
     v = verbatim(qs, ans, j.verdicts)  # [N] the VERBATIM rule's verdicts, NaN where it does not apply
-    s = torch.where(torch.isnan(v), s_head, v)  # [N] as j.score gives them
+    s = ruled(s_head, v)  # [N] as j.score gives them
     y = torch.tensor([d.labels[i] for i in held])  # [N]
 
     def at(idx, t):  # figures of the lines idx at threshold t, as `accuracy` computes them at 0.5
@@ -1089,21 +1093,19 @@ def bench_judge(n_lines: int = 768, parts=(0, 64, 32, 16), repeat: int = 2, mode
            "context_rows_mean": sum(len(c) for c in feats.ctx) / len(pick), "head_steps_per_s": {}}
     labels, (yes_id, no_id) = torch.tensor([d.labels[i] for i in pick]), yes_no_ids(tokenizer)
     n_steps = (len(pick) + rec["batch"] - 1) // rec["batch"]
-    global PART
-    saved, threads = PART, torch.get_num_threads()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for _ in range(repeat):
             for part in parts:
-                PART = part or len(pick)
                 t = time.time()
                 fit_head(model, feats, labels, list(range(len(pick))), yes_id, no_id, rec, seed=seed,
-                         what=f"bench: head steps, attention in parts of {part or 'the whole batch'}")
+                         what=f"bench: head steps, attention in parts of {part or 'the whole batch'}",
+                         part=part or len(pick))
                 v = n_steps / (time.time() - t)
                 key = str(part or "whole batch")
                 out["head_steps_per_s"][key] = max(v, out["head_steps_per_s"].get(key, 0.0))
     finally:
-        PART = saved
         torch.set_num_threads(threads)
     out.update(threads_frozen_pass=threads, threads_head=1, batch=rec["batch"])
     print(json.dumps(out))

@@ -117,7 +117,7 @@ def test_untrained_head_reproduces_backbone(tiny, k, refs):
             judge.frozen_pass(model, tok, qs, ans, layouts, k, L, progress=False, refs={})
 
 
-def test_a_step_in_parts_is_the_whole_batch_step(tiny, monkeypatch):
+def test_a_step_in_parts_is_the_whole_batch_step(tiny):
     """A head step runs its attention in parts of similar context length (judge.PART lines): the logits and the
     gradient of the batch's mean loss are the whole padded batch's, and fit_head trains the same head;
     head_logits gives each line's own logit, in the order asked, repeats included."""
@@ -158,8 +158,7 @@ def test_a_step_in_parts_is_the_whole_batch_step(tiny, monkeypatch):
     recipe = dict(TINY_RECIPE, epochs=2, batch=8)
     heads = []
     for part in (3, 1000):
-        monkeypatch.setattr(judge, "PART", part)
-        heads.append(judge.fit_head(model, feats, y.long(), idx, yes, no, recipe, what=f"parts of {part}"))
+        heads.append(judge.fit_head(model, feats, y.long(), idx, yes, no, recipe, what=f"parts of {part}", part=part))
     for (name, a), b in zip(heads[0].named_parameters(), heads[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.allclose(heads[0].readout, head.readout)  # it trained
@@ -532,7 +531,7 @@ def test_external_judge_scores_a_tiny_model_end_to_end(tmp_path, monkeypatch):
 
 def test_bench_measures_each_part_size(tiny, tmp_path, monkeypatch, capsys):
     """`python judge.py bench`'s function on a tiny backbone: a figure for the frozen pass and for each part size,
-    one thread for the head steps, and PART and the thread count as they were."""
+    one thread for the head steps, and the thread count as it was."""
     _, model, tok = tiny
     monkeypatch.setattr(judge, "RECIPE", TINY_RECIPE)
     data = write_data(tmp_path / "data", learnable_lines(n_q=8))
@@ -540,7 +539,7 @@ def test_bench_measures_each_part_size(tiny, tmp_path, monkeypatch, capsys):
     out = judge.bench_judge(24, parts=(0, 4), repeat=1, model=model, tokenizer=tok, data=data)
     assert out["lines"] == 24 and out["frozen_pass_lines_per_s"] > 0 and out["threads_head"] == 1
     assert set(out["head_steps_per_s"]) == {"whole batch", "4"} and min(out["head_steps_per_s"].values()) > 0
-    assert judge.PART == 16 and torch.get_num_threads() == threads
+    assert torch.get_num_threads() == threads
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
     assert judge.main(["bench", "--lines", "0"]) == 2
     assert capsys.readouterr().err.strip() == "judge.py: error: judge.py bench --lines 0: expected a positive number of lines"
