@@ -290,8 +290,9 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
     # length and batched together (each row with its own question's keys/values as `past`), so little is padding.
     for w0 in range(skip, len(qs), window):
         window_qs = qs[w0:w0 + window]
-        past_of, q_idx = _question_parts(model, {q: q_ids[q] for q in window_qs}, k, top, kv, n_tok)
-        n_tok += sum(len(q_ids[q]) for q in window_qs)  # past_of: q -> its keys/values; q_idx: its store rows
+        past_w, q_idx = _question_parts(model, {q: q_ids[q] for q in window_qs}, k, top, kv, n_tok)
+        n_tok += sum(len(q_ids[q]) for q in window_qs)  # past_w: the window's keys/values; q_idx: store rows
+        q_at = {q: j for j, q in enumerate(window_qs)}  # question -> its row of past_w
         rows = [(i, tail_ids[i]) for q in window_qs for i in groups[q]]  # (line, token ids of each kind's tail)
         rows.sort(key=lambda r: max(len(t) for t in r[1]))
         for part in _batches(rows, lambda r: sum(len(t) for t in r[1]), batch_tokens):
@@ -309,9 +310,9 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
             pos_bt, _ = pad_right(row_pos, 0)  # [B, T]
             B, T = ids.shape
             Pm = max(P_b)
-            past = [tuple(torch.stack([F.pad(past_of[questions[i]][l][j], (0, 0, 0, Pm - P))
-                                       for (i, _), P in zip(part, P_b)]) for j in range(2))
-                    for l in range(top)]  # per layer (K, V): [B, Kh, Pm, D], each row its question's, padded
+            rows_q = torch.tensor([q_at[questions[i]] for i, _ in part])  # [B] each row's question
+            past = [(K_[:, :, :Pm][rows_q], V_[:, :, :Pm][rows_q]) for K_, V_ in past_w]  # per layer (K, V):
+            # [B, Kh, Pm, D], each row its question's (one gather; positions >= its P are masked below)
             # query t may see key u <= t when u is shared or in t's own group; its question part, not its padding
             sees = (grp[:, None, :] == 0) | (grp[:, None, :] == grp[:, :, None])  # [B, T, T]
             sees &= torch.ones(T, T, dtype=torch.bool).tril()[None]
@@ -371,23 +372,28 @@ def _row_len(toks: list[list[int]]) -> int:
 def _question_parts(model: Llama, q_ids: dict[str, list[int]], k: int, top: int, kv: torch.Tensor, n_tok: int):
     """Run the question parts (`q_ids`: question -> token ids) through layers 0..top-1, right-padded in batches
     of similar length (causal attention: a real position never sees the padding after it). Appends the keys/values
-    of layers k..top-1 of each question's positions into the store `kv` (from row n_tok on). Returns
-    question -> per layer (K, V) [Kh, P, D] of layers 0..top-1 (the `past` of its answers), and
-    question -> its store rows."""
-    past_of, q_idx = {}, {}
-    order = sorted(q_ids, key=lambda q: len(q_ids[q]))
+    of layers k..top-1 of each question's positions into the store `kv` (from row n_tok on). Returns per layer
+    (K, V) [Q, Kh, P_max, D] of layers 0..top-1 (the `past` of the answers; row j: the j-th question of q_ids,
+    positions from its length on are padding), and question -> its store rows."""
+    qs = list(q_ids)
+    Kh, D, P_max = model.cfg.n_kv_heads, model.cfg.head_dim, max(len(v) for v in q_ids.values())
+    past = [tuple(torch.zeros(len(qs), Kh, P_max, D, dtype=model.dtype) for _ in range(2)) for _ in range(top)]
+    at = {q: j for j, q in enumerate(qs)}
+    order = sorted(qs, key=lambda q: len(q_ids[q]))
     for part in _batches(order, lambda q: len(q_ids[q]), 4096):
         ids, _ = pad_right([q_ids[q] for q in part], 0)  # [Bq, Pm]
         _, kvs = model(ids, output="kv", stop_at_layer=top)  # per layer (K, V): [Bq, Kh, Pm, D]
-        for j, q in enumerate(part):
-            P = len(q_ids[q])
-            past_of[q] = [(K_[j, :, :P], V_[j, :, :P]) for K_, V_ in kvs]
-    for q in q_ids:  # the store in question order, as the parts saved for resuming expect
-        P = len(q_ids[q])
-        kv[n_tok:n_tok + P] = torch.stack([torch.stack(past_of[q][l]) for l in range(k, top)]).permute(3, 0, 1, 2, 4)
+        rows = torch.tensor([at[q] for q in part])
+        for (K_, V_), (K_w, V_w) in zip(kvs, past):
+            K_w[rows, :, :ids.shape[1]], V_w[rows, :, :ids.shape[1]] = K_, V_
+    q_idx = {}
+    for q in qs:  # the store in question order, as the parts saved for resuming expect
+        P, j = len(q_ids[q]), at[q]
+        kv[n_tok:n_tok + P] = torch.stack([torch.stack([K_w[j, :, :P], V_w[j, :, :P]])
+                                           for K_w, V_w in past[k:top]]).permute(3, 0, 1, 2, 4)
         q_idx[q] = torch.arange(n_tok, n_tok + P)  # [n, 2, Kh, P, D] -> [P, n, 2, Kh, D]
         n_tok += P
-    return past_of, q_idx
+    return past, q_idx
 
 
 def _save_frozen_part(save_dir: Path, groups_done: int, n_tok: int, new_kv: torch.Tensor, lines: list[int],
