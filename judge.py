@@ -320,9 +320,9 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
             in_q = torch.arange(Pm)[None, :] < torch.tensor(P_b)[:, None]  # [B, Pm]
             attn_mask = torch.cat([in_q[:, None, :].expand(B, T, Pm), sees], dim=2)[:, None]  # [B, 1, T, Pm+T]
             r_k = model(ids, past=past, pos=pos_bt, attn_mask=attn_mask, stop_at_layer=k)  # entering layer k: [B, T, M]
-            _, kvs = model(ids, past=past, pos=pos_bt, attn_mask=attn_mask, resid=r_k, start_at_layer=k,
-                           stop_at_layer=top, output="kv")  # layers k..top-1: (K, V) [B, Kh, Pm+T, D] each
-            a_kv = torch.stack([torch.stack([K_[:, :, Pm:], V_[:, :, Pm:]], dim=1) for K_, V_ in kvs])  # [n, B, 2, Kh, T, D]
+            kvs = _keys_values(model, ids, top, past=past, pos=pos_bt, attn_mask=attn_mask, resid=r_k,
+                               start_at_layer=k)  # layers k..top-1: (K, V) [B, Kh, Pm+T or T, D] each
+            a_kv = torch.stack([torch.stack([K_[:, :, -T:], V_[:, :, -T:]], dim=1) for K_, V_ in kvs])  # [n, B, 2, Kh, T, D]
             a_kv = a_kv.permute(1, 4, 0, 2, 3, 5)  # [B, T, n, 2, Kh, D]
             for b, (i, _) in enumerate(part):
                 g_b = grp[b]
@@ -349,6 +349,19 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
         meter.close()
     assert n_tok == n_rows, (n_tok, n_rows)
     return {kind: Features(kv, ctx[g], x[g], pos[g]) for g, kind in enumerate(kinds)}
+
+
+def _keys_values(model: Llama, ids: torch.Tensor, top: int, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (K, V) of layers start_at_layer..top-1 of a forward of ids ([B, T]; kw: past, pos, attn_mask,
+    resid, start_at_layer as in Llama.forward): [B, Kh, P+T, D] each with a past, the last layer's [B, Kh, T, D]
+    (its past is not needed). Of layer top-1 only the keys and values are computed: its attention output and MLP,
+    which nothing reads, are skipped."""
+    r, kvs = model(ids, output="kv", stop_at_layer=top - 1, **kw)  # r: [B, T, M] entering layer top-1
+    pos = kw.get("pos")
+    if pos is None:  # no past, no mask: positions 0..T-1 (right padding)
+        pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)  # [B, T]
+    last = model.layers[top - 1]
+    return kvs + [last.kv(last.attn_norm(r), *model.rope(pos))]
 
 
 def _batches(items: list, size, budget: int, max_rows: int = 64) -> list[list]:
@@ -382,7 +395,7 @@ def _question_parts(model: Llama, q_ids: dict[str, list[int]], k: int, top: int,
     order = sorted(qs, key=lambda q: len(q_ids[q]))
     for part in _batches(order, lambda q: len(q_ids[q]), 4096):
         ids, _ = pad_right([q_ids[q] for q in part], 0)  # [Bq, Pm]
-        _, kvs = model(ids, output="kv", stop_at_layer=top)  # per layer (K, V): [Bq, Kh, Pm, D]
+        kvs = _keys_values(model, ids, top)  # per layer (K, V): [Bq, Kh, Pm, D]
         rows = torch.tensor([at[q] for q in part])
         for (K_, V_), (K_w, V_w) in zip(kvs, past):
             K_w[rows, :, :ids.shape[1]], V_w[rows, :, :ids.shape[1]] = K_, V_
@@ -484,11 +497,9 @@ class JudgeHead(nn.Module):
         B_p sum to B -> o: [B, 1, H, D]."""
         B = x.shape[0]
         H, Kh, D = layer.H, layer.K, layer.D
-        q, k, v = (F.linear(x, w.weight) for w in (layer.wq, layer.wk, layer.wv))  # [B, 1, H*D], [B, 1, Kh*D] x2
-        q = q.view(B, 1, H, D).transpose(1, 2)  # [B, H, 1, D]
-        k = k.view(B, 1, Kh, D).transpose(1, 2)  # [B, Kh, 1, D]
-        v = v.view(B, 1, Kh, D).transpose(1, 2)  # [B, Kh, 1, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # at the last position
+        q = F.linear(x, layer.wq.weight).view(B, 1, H, D).transpose(1, 2)  # [B, H, 1, D]
+        q = apply_rope(q, cos, sin)  # at the last position
+        k, v = layer.kv(x, cos, sin)  # [B, Kh, 1, D] each
         q = q.reshape(B, Kh, H // Kh, D)  # query heads grouped by the key/value head they share (GQA)
         out, b0 = [], 0
         for kv, mask in zip(kvs, masks):

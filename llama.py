@@ -315,6 +315,13 @@ class Layer(nn.Module):
         """o_proj viewed per head: [M, H, D], W_h = W_O[:, h, :] (a view: no copy)."""
         return self.wo.weight.view(-1, self.H, self.D)
 
+    def kv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys (rotary applied) and values of x: [B, T, M] (normalised) -> [B, K, T, D] each."""
+        B, T, _ = x.shape
+        k = linear(x, self.wk.weight).view(B, T, self.K, self.D).transpose(1, 2)  # [B, K, T, D]
+        v = linear(x, self.wv.weight).view(B, T, self.K, self.D).transpose(1, 2)  # [B, K, T, D]
+        return apply_rope(k, cos, sin), v
+
     def attention(self, x, cos, sin, attn_mask, cache: KVCache | None, l: int, past=None):
         """x: [B, T, M] (normalised) -> o: [B, T, H, D], plus this layer's (k, v) over all key positions.
         attn_mask: [B, 1, T, S] bool (True = may attend) or None (causal); for a decoding step (T = 1 with a
@@ -322,9 +329,8 @@ class Layer(nn.Module):
         B, T, _ = x.shape
         H, K, D = self.H, self.K, self.D
         q = linear(x, self.wq.weight).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = linear(x, self.wk.weight).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
-        v = linear(x, self.wv.weight).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin: [B, 1, T, D]
+        q = apply_rope(q, cos, sin)  # cos, sin: [B, 1, T, D]
+        k, v = self.kv(x, cos, sin)  # [B, K, T, D] each
         if cache is not None:
             fresh = cache.len == 0
             k_t, v_all = cache.update(l, k, v)  # K^T: [B, K, D, S], [B, K, S, D]
