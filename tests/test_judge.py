@@ -164,6 +164,31 @@ def test_a_step_in_parts_is_the_whole_batch_step(tiny):
     assert not torch.allclose(heads[0].readout, head.readout)  # it trained
 
 
+def test_judge_loss_weighs_no_lines(tiny):
+    """judge_loss: a " no" line counts no_weight times a " yes" line (against a hand sum); at weight 1 the plain
+    mean; a fit with the recipe's info weight moves the head's scores of " no" lines down, against weight 1."""
+    z = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    y = torch.tensor([1, 0, 0, 1])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(z, y.float(), reduction="none")
+    hand = (bce[0] + bce[3] + 3 * (bce[1] + bce[2])) / (2 + 3 * 2)
+    torch.testing.assert_close(judge.judge_loss(z, y, 3.0), hand, rtol=1e-6, atol=0)
+    torch.testing.assert_close(judge.judge_loss(z, y, 1.0), bce.mean(), rtol=1e-6, atol=0)
+    assert judge.RECIPE["no_weight"] == {"truth": 1.0, "info": 2.0}
+    _, model, tok = tiny
+    qs = [f"Question {i % 5}?" for i in range(24)]
+    ans = ["Yes" * (i % 4) + "." for i in range(24)]
+    feats = judge.frozen_pass(model, tok, qs, ans, {"info": "Q: {question}\nA: {answer}\nHelpful:"}, 1, 3,
+                              progress=False)["info"]
+    yes, no = judge.yes_no_ids(tok)
+    y = torch.tensor([int(i % 4 != 1) for i in range(24)])  # " no" lines are one in four, as in the info data
+    idx = list(range(24))
+    mean_no = []
+    for w in (1.0, judge.RECIPE["no_weight"]["info"]):
+        head = judge.fit_head(model, feats, y, idx, yes, no, dict(TINY_RECIPE, epochs=2, batch=8), no_weight=w)
+        mean_no.append(judge.head_logits(head, feats, idx)[y == 0].mean().item())
+    assert mean_no[1] < mean_no[0] - 1e-3
+
+
 def test_judge_scores_in_unit_interval(tiny):
     _, model, tok = tiny
     yes, no = judge.yes_no_ids(tok)
