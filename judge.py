@@ -69,9 +69,8 @@ BACKBONE = "smollm2-135m"
 RECIPE = {"k": 18, "top": 30, "epochs": 3, "lr": 3e-3, "lr_readout": 3e-3, "batch": 128, "weight_decay": 0.01,
           "holdout": 0.1, "backbone_dtype": "auto", "references": True,  # auto: llama.fast_dtype(), in the metadata
           "no_weight": {"truth": 1.0, "info": 2.0}}
-# no_weight: the loss weight of a " no" line, per kind (see `judge_loss`). Uninformative lines are one in five of the
-# info judge's; at weight 1 it missed one in five of them (balanced accuracy 0.884 held out); weight 2, the square
-# root of its yes:no ratio of 4, fixed before it was measured, gives 0.937 / 0.905 (README, "Judges").
+# no_weight: the loss weight of a " no" line, per kind (see `judge_loss`): uninformative lines are one in five of
+# the info judge's, and unweighted it missed many of them; 2 is the square root of its yes:no ratio (README, "Judges").
 
 
 def _log(msg: str) -> None:
