@@ -117,6 +117,12 @@ def test_untrained_head_reproduces_backbone(tiny, k, refs):
             judge.frozen_pass(model, tok, qs, ans, layouts, k, L, progress=False, refs={})
 
 
+def _tiny_features(model, tok, qs, ans, kind):
+    """The frozen pass of a tiny judge (layers 1..2 trainable) over the lines qs, ans, in GPT-judge's layout."""
+    layout = "Q: {question}\nA: {answer}\n" + {"truth": "True:", "info": "Helpful:"}[kind]
+    return judge.frozen_pass(model, tok, qs, ans, {kind: layout}, 1, 3, progress=False)[kind]
+
+
 def test_a_step_in_parts_is_the_whole_batch_step(tiny):
     """A head step runs its attention in parts of similar context length (judge.PART lines): the logits and the
     gradient of the batch's mean loss are the whole padded batch's, and fit_head trains the same head;
@@ -124,8 +130,7 @@ def test_a_step_in_parts_is_the_whole_batch_step(tiny):
     _, model, tok = tiny
     qs = [f"Question {i % 5}{'?' * (i % 7)}" for i in range(23)]
     ans = ["Yes" * (i % 4) + "." for i in range(23)]
-    feats = judge.frozen_pass(model, tok, qs, ans, {"truth": "Q: {question}\nA: {answer}\nTrue:"}, 1, 3,
-                              progress=False)["truth"]
+    feats = _tiny_features(model, tok, qs, ans, "truth")
     yes, no = judge.yes_no_ids(tok)
     torch.manual_seed(0)
     head = judge.JudgeHead(model, 1, 3, yes, no)
@@ -177,8 +182,7 @@ def test_judge_loss_weighs_no_lines(tiny):
     _, model, tok = tiny
     qs = [f"Question {i % 5}?" for i in range(24)]
     ans = ["Yes" * (i % 4) + "." for i in range(24)]
-    feats = judge.frozen_pass(model, tok, qs, ans, {"info": "Q: {question}\nA: {answer}\nHelpful:"}, 1, 3,
-                              progress=False)["info"]
+    feats = _tiny_features(model, tok, qs, ans, "info")
     yes, no = judge.yes_no_ids(tok)
     y = torch.tensor([int(i % 4 != 1) for i in range(24)])  # " no" lines are one in four, as in the info data
     idx = list(range(24))
