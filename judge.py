@@ -314,8 +314,9 @@ def frozen_pass(model: Llama, tokenizer, questions: list[str], answers: list[str
             B, T = ids.shape
             Pm = max(P_b)
             rows_q = torch.tensor([q_at[questions[i]] for i, _ in part])  # [B] each row's question
-            past = [(K_[:, :, :Pm][rows_q], V_[:, :, :Pm][rows_q]) for K_, V_ in past_w]  # per layer (K, V):
-            # [B, Kh, Pm, D], each row its question's (one gather; positions >= its P are masked below)
+            past = [(K_[:, :, :Pm][rows_q], V_[:, :, :Pm][rows_q]) for K_, V_ in past_w[:top - 1]]  # per layer
+            # (K, V) [B, Kh, Pm, D] of layers 0..top-2 (the top layer's keys/values need none: `_keys_values`), each
+            # row its question's (one gather; positions >= its P are masked below)
             # query t may see key u <= t when u is shared or in t's own group; its question part, not its padding
             sees = (grp[:, None, :] == 0) | (grp[:, None, :] == grp[:, :, None])  # [B, T, T]
             sees &= torch.ones(T, T, dtype=torch.bool).tril()[None]
@@ -393,6 +394,7 @@ def _question_parts(model: Llama, q_ids: dict[str, list[int]], k: int, top: int,
     positions from its length on are padding), and question -> its store rows."""
     qs = list(q_ids)
     Kh, D, P_max = model.cfg.n_kv_heads, model.cfg.head_dim, max(len(v) for v in q_ids.values())
+    # zeros, not empty: padding is masked, but a masked key's value still meets a zero weight, and 0 * NaN is NaN
     past = [tuple(torch.zeros(len(qs), Kh, P_max, D, dtype=model.dtype) for _ in range(2)) for _ in range(top)]
     at = {q: j for j, q in enumerate(qs)}
     order = sorted(qs, key=lambda q: len(q_ids[q]))
