@@ -524,6 +524,7 @@ LR_DOWN_MAX = 2  # at most this many rates below the grid
 
 
 PATIENCE_UP = 4  # a rate the stopping rule cut short on a plateau is trained again with this many times the patience
+BUDGET_UP = 2  # the edit kept, when its step budget ran out first, is trained on to this many times the budget, once
 
 
 def too_fast(g: dict, every: int) -> bool:
@@ -532,28 +533,36 @@ def too_fast(g: dict, every: int) -> bool:
     return g["best_step"] <= g.get("warmup", WARMUP) + every
 
 
-def next_try(selection: dict, every: int) -> tuple[float, int] | None:
-    """What select_ipo trains next, as (learning rate, patience factor), or None when the selection is final.
-    Only when the edit kept is too fast (its best validation came no later than one validation, every `every`
+def next_try(selection: dict, every: int) -> tuple[float, int, int] | None:
+    """What select_ipo trains next, as (learning rate, patience factor, budget factor), or None when the selection
+    is final. When the edit kept is too fast (its best validation came no later than one validation, every `every`
     steps, after the warm-up: the loss rose as soon as the rate was full):
     - when it is the lowest rate tried, a rate LR_DOWN times lower, up to LR_DOWN_MAX rates below the grid: a
       grid's edge is no optimum. (At tau 0.5 the target margin 1/(2 tau) is five times nearer than at 0.1, and
       an AdamW step's size does not shrink with it.)
     - when lower rates were tried and lost after the stopping rule ended them, the highest of them again with
       PATIENCE_UP times the patience, once: at a lower rate the same progress takes more steps, and a plateau
-      can outlast the patience (seen at tau 0.5, where one seed passed a plateau that stopped another)."""
+      can outlast the patience (seen at tau 0.5, where one seed passed a plateau that stopped another).
+    When the edit kept did not converge (its step budget ran out while the validation loss still fell), the same
+    training goes on, from its last state, to BUDGET_UP times its budget, once: the stopping rule, not the
+    budget, should end the optimum's training (seen at tau 0.5 after the patience retry)."""
     grid = selection["grid"]
     chosen = grid[selection["chosen"]] if "chosen" in selection else next(
         g for g in grid if g["lr"] == selection["chosen_lr"])
-    if not too_fast(chosen, every):
-        return None
-    lower = [g for g in grid if g["lr"] < chosen["lr"]]
-    if not lower:
-        below = {g["lr"] for g in grid if g.get("below_grid", False)}
-        return (chosen["lr"] / LR_DOWN, 1) if len(below) < LR_DOWN_MAX else None
-    retried = {g["lr"] for g in grid if g.get("patience_factor", 1) > 1}
-    cut = [g["lr"] for g in lower if g["converged"] and g["lr"] not in retried]
-    return (max(cut), PATIENCE_UP) if cut else None
+    if too_fast(chosen, every):
+        lower = [g for g in grid if g["lr"] < chosen["lr"]]
+        if not lower:
+            below = {g["lr"] for g in grid if g.get("below_grid", False)}
+            if len(below) < LR_DOWN_MAX:
+                return chosen["lr"] / LR_DOWN, 1, 1
+        else:
+            retried = {g["lr"] for g in grid if g.get("patience_factor", 1) > 1}
+            cut = [g["lr"] for g in lower if g["converged"] and g["lr"] not in retried]
+            if cut:
+                return max(cut), PATIENCE_UP, 1
+    if not chosen.get("converged", True) and chosen.get("budget_factor", 1) < BUDGET_UP:
+        return chosen["lr"], chosen.get("patience_factor", 1), BUDGET_UP
+    return None
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -674,14 +683,21 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
     ckpt = out / "ckpt.pt"
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=True)
-        if st["run"] != run:
-            diff = sorted(k for k in run if st["run"].get(k) != run[k])
+        diff = sorted(k for k in run if st["run"].get(k) != run[k])
+        # a run whose budget ran out goes on under a larger one: the pair order of each epoch and the constant rate
+        # after the warm-up do not depend on the budget, so this equals a run given the larger budget from the start
+        # (when the old budget is a multiple of stop.every; else it has one more validation, at the old budget)
+        longer = diff == ["epochs"] and st["reason"] == "budget" and epochs > st["run"]["epochs"]
+        if diff and not longer:
             raise ValueError(f"{ckpt}: checkpoint of a different run (differs in {diff}); "
                              "use another out_dir or delete it")
         edit.load_state(st["edit"])
         opt.load_state_dict(st["opt"])
         step, curve, sums, bad, reason, best = st["step"], st["curve"], st["sums"], st["bad"], st["reason"], st["best"]
-        log(f"ipo: resuming from {ckpt} at step {step} (budget {budget})")
+        if longer:
+            reason = None
+        log(f"ipo: resuming from {ckpt} at step {step} (budget {budget}"
+            + (f", was {st['run']['epochs'] * per_epoch} when it stopped" if longer else "") + ")")
 
     def snapshot() -> dict:
         return {"run": run, "step": step, "curve": copy.deepcopy(curve), "sums": list(sums), "bad": bad,
@@ -779,12 +795,19 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
     tried = []
 
     stop = kw.pop("stop", StopRule())
+    epochs = kw.pop("epochs", 2)
 
-    def train(lr: float, below_grid: bool, factor: int = 1) -> None:
+    def train(lr: float, below_grid: bool, factor: int = 1, budget: int = 1) -> None:
         rule = replace(stop, patience=stop.patience * factor)
         edit, m = train_ipo(model, tokenizer, pairs_train, pairs_val, prompts, mask, lr=lr, stop=rule, ref_dir=out,
-                            out_dir=out / (f"lr{lr:g}" + (f"-p{rule.patience}" if factor > 1 else "")), log=log, **kw)
-        tried.append((m["val_loss"], lr, edit, m, below_grid, factor))
+                            out_dir=out / (f"lr{lr:g}" + (f"-p{rule.patience}" if factor > 1 else "")), log=log,
+                            epochs=epochs * budget, **kw)
+        t = (m["val_loss"], lr, edit, m, below_grid, factor, budget)
+        same = [i for i, u in enumerate(tried) if u[1] == lr and u[5] == factor]
+        if same:  # the same training gone on under a larger budget: it replaces its earlier record
+            tried[same[0]] = t
+        else:
+            tried.append(t)
 
     for lr in lrs:
         train(lr, False)
@@ -794,16 +817,20 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
         return {"by": "lowest validation IPO loss", "chosen_lr": tried[k][1], "chosen": k,
                 "grid": [{"lr": t[1], "val_loss": t[0], "best_step": t[3]["best_step"], "steps": t[3]["steps"],
                           "converged": t[3]["converged"], "warmup": t[3]["warmup"], "below_grid": t[4],
-                          "patience_factor": t[5], "curve": [[r["step"], r["val_loss"]] for r in t[3]["curve"]]}
+                          "patience_factor": t[5], "budget_factor": t[6],
+                          "curve": [[r["step"], r["val_loss"]] for r in t[3]["curve"]]}
                          for t in tried]}
 
     while nxt := next_try(sel := selection(), stop.every):
         g = sel["grid"][sel["chosen"]]
-        log(f"ipo: lr {g['lr']:g} kept its best validation at step {g['best_step']}, the end of the "
-            f"{g['warmup']}-step warm-up: " + (f"trying {nxt[0]:g}" if nxt[1] == 1 else
-                                                f"training {nxt[0]:g} again with {nxt[1]}x the patience"))
-        train(nxt[0], nxt[0] < min(lrs), nxt[1])
-    _, lr, edit, m, _, _ = min(tried, key=lambda t: t[0])
+        more = f" ({g['patience_factor']}x patience)" if g["patience_factor"] > 1 else ""
+        log(f"ipo: lr {g['lr']:g}{more} "
+            + (f"spent its budget of {g['steps']} steps with the validation loss still falling (best at step "
+               f"{g['best_step']}): training it on to {nxt[2]}x the budget" if nxt[2] > 1 else
+               f"kept its best validation at step {g['best_step']}, the end of the {g['warmup']}-step warm-up: "
+               + (f"trying {nxt[0]:g}" if nxt[1] == 1 else f"training {nxt[0]:g} again with {nxt[1]}x the patience")))
+        train(nxt[0], nxt[0] < min(lrs), nxt[1], nxt[2])
+    _, lr, edit, m, *_ = min(tried, key=lambda t: t[0])
     m = {**m, "selection": sel}
     if len(lrs) > 1:
         log("ipo: learning rate " + ", ".join(f"{t[1]:g} -> {t[0]:.4f}{'' if t[3]['converged'] else ' (not converged)'}"

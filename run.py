@@ -626,9 +626,9 @@ def check_lr_grid(d: Path, cfg: RunConfig, res: dict) -> None:
 
 def reselect(d: Path, cfg: RunConfig, meta: dict | None) -> bool:
     """An IPO edit selected before select_ipo's current rule, which would now train more (ipo.next_try: the rate
-    kept is too fast, and a rate below the grid or a lower rate with more patience is still to try): its edit,
-    evaluation and results are removed, the rates trained stay (ipo/lr*/), so that the run selects again and is
-    evaluated again. True if so."""
+    kept is too fast, and a rate below the grid or a lower rate with more patience is still to try; or the edit
+    kept spent its step budget and is to go on under a larger one): its edit, evaluation and results are removed,
+    the rates trained stay (ipo/lr*/), so that the run selects again and is evaluated again. True if so."""
     import ipo
 
     sel = (meta or {}).get("selection")
@@ -636,10 +636,14 @@ def reselect(d: Path, cfg: RunConfig, meta: dict | None) -> bool:
     if not nxt:
         return False
     g = sel["grid"][sel["chosen"]] if "chosen" in sel else next(g for g in sel["grid"] if g["lr"] == sel["chosen_lr"])
-    log(f"{d}: its learning rate {g['lr']:g} kept its best validation at step {g['best_step']}, the end of the "
-        f"warm-up; selecting again, " + (f"with the lower rate {nxt[0]:g}" if nxt[1] == 1 else
-                                         f"with {nxt[0]:g} trained again at {nxt[1]}x the patience")
-        + " (the rates trained are kept)")
+    if nxt[2] > 1:
+        log(f"{d}: its edit (lr {g['lr']:g}{_patience(g)}) spent its step budget with the validation loss still "
+            f"falling; selecting again, with that training gone on to {nxt[2]}x the budget (the rates trained are kept)")
+    else:
+        log(f"{d}: its learning rate {g['lr']:g} kept its best validation at step {g['best_step']}, the end of the "
+            f"warm-up; selecting again, " + (f"with the lower rate {nxt[0]:g}" if nxt[1] == 1 else
+                                             f"with {nxt[0]:g} trained again at {nxt[1]}x the patience")
+            + " (the rates trained are kept)")
     for p in (d / "results.json", d / "eval_ipo.json", d / "eval_ipo.parts.json", d / "ipo" / "edit.safetensors"):
         p.unlink(missing_ok=True)
     return True
@@ -796,8 +800,11 @@ def versions(ctx: Context) -> dict:
 
 
 def _patience(g: dict) -> str:
-    """How a learning rate's entry in the selection is told apart when it was trained again with more patience."""
-    return f" ({g['patience_factor']}x patience)" if g.get("patience_factor", 1) > 1 else ""
+    """How a learning rate's entry in the selection is told apart when it was trained again with more patience, or
+    went on under a larger step budget."""
+    more = ([f"{g['patience_factor']}x patience"] if g.get("patience_factor", 1) > 1 else []) + (
+        [f"{g['budget_factor']}x budget"] if g.get("budget_factor", 1) > 1 else [])
+    return f" ({', '.join(more)})" if more else ""
 
 
 def ipo_status(i: dict | None) -> str:

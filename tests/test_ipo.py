@@ -378,6 +378,30 @@ def test_resume_equals_uninterrupted_run(model, tmp_path):
         ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", **{**kw, "tau": 0.3})
 
 
+def test_a_run_whose_budget_ran_out_goes_on_under_a_larger_one(model, tmp_path):
+    """A run stopped by its step budget (the stopping rule never fired), called again with more epochs, goes on from
+    its last state and ends exactly where a run given the larger budget from the start ends."""
+    tok, prompts = CharTokenizer(), Prompts()
+    kw = dict(tau=0.2, lr=1e-2, batch_size=3, log=lambda s: None, stop=ipo.StopRule(every=1, patience=100))
+    full, m_full = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "a", epochs=2, **kw)
+    one, m_one = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", epochs=1, **kw)
+    assert m_one["stop"] == "budget" and m_one["steps"] == 3 and not m_one["converged"]
+    logs = []
+    on, m_on = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", epochs=2,
+                             **{**kw, "log": logs.append})
+    assert "was 3 when it stopped" in logs[0] and m_on["steps"] == m_full["steps"] == 6 and m_on["budget"] == 6
+    assert torch.equal(on.a, full.a) and torch.equal(on.b, full.b) and m_on["curve"] == m_full["curve"]
+    assert not torch.equal(one.b, full.b)
+    for other in ({"epochs": 1}, {"epochs": 3, "tau": 0.3}):  # a smaller budget, or another change: another run
+        with pytest.raises(ValueError, match="different run"):
+            ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", **{**kw, **other})
+    conv = {**kw, "stop": ipo.StopRule(every=1, patience=1, min_delta=0.0)}  # stops at the first non-gain
+    _, m_conv = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "c", epochs=2, **conv)
+    assert m_conv["converged"]  # a converged run is finished: a larger budget is another run
+    with pytest.raises(ValueError, match="different run"):
+        ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "c", epochs=3, **conv)
+
+
 def test_bad_input(model, tmp_path):
     tok, prompts, cfg = CharTokenizer(), Prompts(), model.cfg
     empty = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
@@ -481,3 +505,27 @@ def test_select_ipo_tries_lower_rates_when_the_lowest_is_too_fast(tmp_path, monk
     assert [p for p, _ in patience] == [4 * g["patience_factor"] for g in grid]  # the stopping rule's patience
     assert len({d for _, d in patience}) == len(patience)  # each training in its own directory
     assert ipo.next_try(m["selection"], 10) is None and grid[m["selection"]["chosen"]]["lr"] == pytest.approx(chosen)
+
+
+@pytest.mark.parametrize("still_falling_at", [1, 2])
+def test_select_ipo_trains_on_the_edit_kept_when_its_budget_ran_out(tmp_path, monkeypatch, still_falling_at):
+    """The edit kept spent its budget with the validation loss still falling: the same training (same directory)
+    goes on to BUDGET_UP times the budget, once, and its record replaces the earlier one."""
+    calls = []
+
+    def fake_train(model, tok, pairs_train, pairs_val, prompts, mask, *, lr, epochs, out_dir, ref_dir, log, stop, **kw):
+        calls.append((lr, epochs, out_dir.name))
+        conv = epochs > still_falling_at
+        return _FakeEdit(), {"val_loss": 10.0 - epochs - lr, "best_step": 100 * epochs, "steps": 100 * epochs,
+                             "converged": conv, "warmup": ipo.WARMUP, "curve": [{"step": 0, "val_loss": 25.0}],
+                             "lr": lr}
+
+    monkeypatch.setattr(ipo, "train_ipo", fake_train)
+    _, m = ipo.select_ipo(None, None, [], [], None, None, lrs=[1e-3, 4e-3], out_dir=tmp_path, log=lambda s: None,
+                          epochs=1, stop=ipo.StopRule(every=10))
+    assert calls == [(1e-3, 1, "lr0.001"), (4e-3, 1, "lr0.004"), (4e-3, ipo.BUDGET_UP, "lr0.004")]
+    grid = m["selection"]["grid"]
+    assert [(g["lr"], g["budget_factor"]) for g in grid] == [(1e-3, 1), (4e-3, ipo.BUDGET_UP)]
+    assert m["lr"] == 4e-3 and m["converged"] == (still_falling_at == 1)
+    assert ipo.next_try(m["selection"], 10) is None  # once only, converged or not
+

@@ -524,6 +524,17 @@ def test_a_run_whose_rate_was_too_fast_is_selected_again(tmp_path):
     again = grid + [{**grid[0], "patience_factor": ipo.PATIENCE_UP}]
     assert not run.reselect(d, cfg, {"selection": {"chosen_lr": 6.4e-3, "chosen": 1, "grid": again}})
     assert run._patience(again[-1]) == " (4x patience)" and run._patience(grid[0]) == ""  # told apart in the report
+    # the edit kept spent its step budget (not converged): selected again, to go on under a larger budget, once
+    for f in files:
+        f.write_text("x")
+    cut = again[:-1] + [{**again[-1], "best_step": 300, "converged": False}]
+    assert run.reselect(d, cfg, {"selection": {"chosen_lr": 1.6e-3, "chosen": 2, "grid": cut}})
+    assert not files[0].exists() and files[-1].exists()
+    for f in files:
+        f.write_text("x")
+    cut[-1]["budget_factor"] = ipo.BUDGET_UP
+    assert not run.reselect(d, cfg, {"selection": {"chosen_lr": 1.6e-3, "chosen": 2, "grid": cut}})
+    assert run._patience(cut[-1]) == " (4x patience, 2x budget)"
     # a rate trained again with more patience is not a rate of the grid
     run.check_lr_grid(d, cfg, {"heads": ["1.1"], "ipo": {"selection": {"grid": [
         {"lr": lr, "below_grid": False, "patience_factor": f} for lr, f in
