@@ -430,9 +430,13 @@ def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
     if have:
         log(f"[{label}] resuming: {', '.join(have)} saved by an interrupted evaluation")
 
+    secs = {}  # the wall time of each piece computed now (a resumed evaluation: the pieces it computed)
+
     def piece(name: str, compute):
         if name not in have:  # stored as JSON and read back, so a resumed evaluation computes the same numbers
+            t = time.time()
             have[name] = json.loads(json.dumps(compute(), default=_json_default))
+            secs[name] = time.time() - t
             if parts is not None:
                 write_json(parts, have)
                 note_kept("evaluation", f"the {label} evaluation's {', '.join(have)} (in {parts})")
@@ -469,8 +473,9 @@ def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
     if ctx.judged:
         apply_judges(ev, qs, answers, ti, judge_ids(ctx))
     ev["seconds"] = dt = time.time() - t0
+    ev["piece_seconds"] = secs
     log(f"[{label}] " + " ".join(f"{k} {ev['figures'][k]['value']:.3f}" for k in METRICS if k in ev["figures"])
-        + f" ({dt:.0f}s)")
+        + f" ({dt:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()) + ")")
     return ev
 
 

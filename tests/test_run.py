@@ -446,7 +446,10 @@ def test_evaluation_resumes_piece_by_piece(tmp_path, monkeypatch):
     stop_at[0], calls[:] = None, []
     again = run.evaluate(ctx, None, "ipo", parts)
     assert calls == ["mc", "pref", "kl", "kl"]  # kl_ce twice: the neutral text and the questions
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+    timing = ("seconds", "piece_seconds")
+    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    assert list(whole["piece_seconds"]) == ["answers", "truth_info", "mc", "pref", "kl", "kl_qa"]
+    assert list(again["piece_seconds"]) == ["mc", "pref", "kl", "kl_qa"]  # the pieces this call computed
     assert again["judges"] == [["truth", "first"], ["info", "first"]]
     # interrupted after the judging, then the judges are trained again: the saved verdicts are not reused
     parts.unlink()
