@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from llama import Edit, Llama, Progress, note_kept, shared_prefix_len, write_file_atomic
+from llama import Edit, Llama, Progress, note_kept, prefix_cache, shared_prefix_len, write_file_atomic
 from probe import head_list
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,17 +236,6 @@ def ipo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
 
 # ----------------------------------------------------------------------------------------------------------
 # Answer log-probabilities: the shared prefix once, then every prompt and answer packed into one "tree" row
-
-
-def prefix_cache(model: Llama, prefix: Sequence[int], edit: Edit | None = None):
-    """Per-layer (k, v) [1, K, P, D] of the shared prefix tokens (None if empty). Gradients flow through
-    them into the edit when grad is enabled."""
-    if len(prefix) == 0:
-        return None
-    ids = torch.as_tensor(list(prefix), device=model.device)[None]  # [1, P]
-    if edit is not None and edit.positions != "all":
-        edit = None  # a "newest" edit (ITI) never acts on the prefix
-    return model(ids, edit=edit, output="kv", last_only=True)[1]
 
 
 @dataclass

@@ -500,16 +500,26 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 50, *,
                      edit: Edit | None = None, eos_id: int | None = None, pad_id: int = 0,
-                     stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                     stop: Callable[[int, list[int]], bool] | None = None, prefix_kv=None) -> list[list[int]]:
         """Greedy decoding of one left-padded batch with a KV cache. Returns each row's new tokens (without
-        the EOS). `stop(row, new_ids)` is asked after each token and ends that row when True. In fp32 its
-        matmuls take oneDNN's faster kernel, which sums in another order than a plain forward (see `linear`)."""
+        the EOS). `stop(row, new_ids)` is asked after each token and ends that row when True. prefix_kv: the
+        keys/values of a prefix every prompt continues (`prefix_cache`, run once with the same edit), the
+        prompts being the tokens after it (at least one each). In fp32 its matmuls take oneDNN's faster kernel,
+        which sums in another order than a plain forward (see `linear`)."""
         generating = _GENERATING.set(True)  # fp32 matmuls through the prepacked kernel too (see `linear`)
         try:
             B = len(prompts)
             ids, mask = pad_left(prompts, pad_id, self.device)  # [B, T]
             T = ids.shape[1]
-            cache = KVCache(self.cfg, B, T + max_new_tokens, self.dtype, self.device)
+            P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
+            cache = KVCache(self.cfg, B, P + T + max_new_tokens, self.dtype, self.device)
+            if P:  # every row starts with the prefix: slots 0..P-1, then its left padding, then its own tokens
+                for l, (k, v) in enumerate(prefix_kv):  # k, v: [1, K, P, D], broadcast over the rows
+                    cache.k_t[l][..., :P] = k.transpose(-1, -2)
+                    cache.v[l][:, :, :P] = v
+                cache.mask[:, :P] = True
+                cache.pos[:] = P
+                cache.len = P
             newest = edit is not None and edit.positions == "newest"
             edit_mask = None
             if newest:  # ITI acts at the last prompt position (column T-1 for every left-padded row)
@@ -543,6 +553,11 @@ class Llama(nn.Module):
         sorted by length into batches of `batch_size` to keep left padding short."""
         bos = getattr(tokenizer, "add_bos", False)  # Llama-1/2 sentencepiece models expect a BOS, SmolLM2 none
         enc = [tokenizer.encode(p, bos=bos) for p in prompts]
+        # the tokens all prompts share (TruthfulQA's instruction and primer) run once, not once per prompt
+        P = shared_prefix_len(enc) if len(enc) > 1 else 0
+        with torch.inference_mode():
+            kv = prefix_cache(self, enc[0][:P], edit)
+        enc = [e[P:] for e in enc]
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
         result: list[str] = [""] * len(enc)
         meter = Progress(len(enc), "generate", unit="prompts") if progress else None
@@ -553,7 +568,7 @@ class Llama(nn.Module):
 
         for i in range(0, len(order), batch_size):
             rows = order[i:i + batch_size]
-            ids = self.generate_ids([enc[j] for j in rows], max_new_tokens, edit=edit,
+            ids = self.generate_ids([enc[j] for j in rows], max_new_tokens, edit=edit, prefix_kv=kv,
                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
                                     stop=(lambda b, new: cut(tokenizer.decode(new))[1]) if stop else None)
             for j, new in zip(rows, ids):
@@ -737,6 +752,18 @@ def interrupted_message() -> str:
     kept = "; ".join(KEPT.values())
     return ("interrupted: every finished step is saved" + (f", and of the unfinished ones: {kept}" if kept else "")
             + "; run the same command again to resume")
+
+
+def prefix_cache(model: Llama, prefix: Sequence[int], edit: Edit | None = None):
+    """Per-layer (k, v) [1, K, P, D] of a prefix that many sequences share (None if empty), run once: a weight
+    edit (positions "all") acts there, a "newest" one (ITI) does not. Gradients flow through them into the edit
+    when grad is enabled."""
+    if len(prefix) == 0:
+        return None
+    ids = torch.as_tensor(list(prefix), device=model.device)[None]  # [1, P]
+    if edit is not None and edit.positions != "all":
+        edit = None  # a "newest" edit (ITI) never acts on the prefix
+    return model(ids, edit=edit, output="kv", last_only=True)[1]
 
 
 def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:

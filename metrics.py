@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ipo import answer_logprobs, encode_answer, prefix_cache  # log p(answer | prompt), shared with IPO training
-from llama import Edit, Llama, Progress, pad_right, shared_prefix_len
+from ipo import answer_logprobs, encode_answer  # log p(answer | prompt), shared with IPO training
+from llama import Edit, Llama, Progress, pad_right, prefix_cache, shared_prefix_len
 
 STOP = ("\nQ:", "\n\n")  # an answer ends at the next question or at a blank line
 
@@ -120,7 +120,7 @@ def mc_from_logprobs(true_lps: Sequence[float], false_lps: Sequence[float]) -> t
 
 def shared_prefix(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit | None = None):
     """Token ids of each generation prompt split into (shared prefix ids, per-question rest ids), and the
-    prefix keys/values computed once (`ipo.prefix_cache`: a weight edit acts there, a "newest" one does not).
+    prefix keys/values computed once (`llama.prefix_cache`: a weight edit acts there, a "newest" one does not).
     The split is at the longest token prefix the prompts' own tokenisations share (as for IPO's pairs), so
     the rest is exactly how the full prompt tokenises."""
     full = [tokenizer.encode(prompts.generation(_text(q))) for q in questions]

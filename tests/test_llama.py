@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama import Config, Edit, KVCache, Llama, pad_left
+from llama import Config, Edit, KVCache, Llama, pad_left, prefix_cache
 from tiny import tiny_config, write_tiny
 
 CONFIGS = {
@@ -349,6 +349,26 @@ def test_batched_cached_generation_equals_naive_greedy(tiny):
         got = model.generate_ids(prompts, 8, edit=edit)
         assert got == [greedy_no_cache(model, p, 8, edit) for p in prompts]
 
+    # prompts continuing one shared prefix, whose keys/values run once (llama.prefix_cache): the same tokens as
+    # greedy decoding of the whole prompts, for an edit acting everywhere (on the prefix too) and a "newest" one
+    class Everywhere(Edit):
+        positions = "all"
+
+        def __init__(self):
+            self.vec = torch.randn(model.cfg.d_model) * 3
+
+        def delta(self, l, o, W):
+            return self.vec if l == 1 else None
+
+    prefix = [11, 12, 13, 14]
+    for edit in (None, Newest(), Everywhere()):
+        with torch.inference_mode():
+            kv = prefix_cache(model, prefix, edit)
+        got = model.generate_ids(prompts, 8, edit=edit, prefix_kv=kv)
+        assert got == [greedy_no_cache(model, prefix + p, 8, edit) for p in prompts]
+        if edit is not None:
+            assert got != model.generate_ids(prompts, 8, prefix_kv=kv)  # the edit changes the answers
+
     # one-token prompts beside an empty one: a decoding step with a padding query in the batch stays finite
     got = model.generate_ids([[], [7], [9]], 6)
     assert got[1:] == [greedy_no_cache(model, p, 6) for p in ([7], [9])]
@@ -376,6 +396,10 @@ def test_generation_stops():
     cut = model.generate(Tok(), ["ab", "xyz"], 12, stop=(stop,))
     assert cut[0] == full[0][:full[0].find(stop)]
     assert stop not in cut[1] and full[1].startswith(cut[1])
+    # prompts sharing a beginning (run once for the batch) give what each prompt gives alone (no prefix shared)
+    shared = ["Q: hello ab", "Q: hello xyz", "Q: hello q"]
+    assert model.generate(Tok(), shared, 12, stop=(), batch_size=2) == [model.generate(Tok(), [p], 12, stop=())[0]
+                                                                        for p in shared]
 
 
 # ---------------------------------------------------------------------------------------------------------
