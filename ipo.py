@@ -513,7 +513,7 @@ LR_DOWN_MAX = 2  # at most this many rates below the grid
 
 
 PATIENCE_UP = 4  # a rate the stopping rule cut short on a plateau is trained again with this many times the patience
-BUDGET_UP = 2  # the edit kept, when its step budget ran out first, is trained on to this many times the budget, once
+BUDGET_UP = 4  # the edit kept, when its step budget ran out first, is trained on to this many times the budget, once
 
 
 def too_fast(g: dict, every: int) -> bool:

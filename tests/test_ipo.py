@@ -507,7 +507,7 @@ def test_select_ipo_tries_lower_rates_when_the_lowest_is_too_fast(tmp_path, monk
     assert ipo.next_try(m["selection"], 10) is None and grid[m["selection"]["chosen"]]["lr"] == pytest.approx(chosen)
 
 
-@pytest.mark.parametrize("still_falling_at", [1, 2])
+@pytest.mark.parametrize("still_falling_at", [1, ipo.BUDGET_UP])
 def test_select_ipo_trains_on_the_edit_kept_when_its_budget_ran_out(tmp_path, monkeypatch, still_falling_at):
     """The edit kept spent its budget with the validation loss still falling: the same training (same directory)
     goes on to BUDGET_UP times the budget, once, and its record replaces the earlier one."""

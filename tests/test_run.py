@@ -537,7 +537,7 @@ def test_a_run_whose_rate_was_too_fast_is_selected_again(tmp_path):
         f.write_text("x")
     cut[-1]["budget_factor"] = ipo.BUDGET_UP
     assert not run.reselect(d, cfg, {"selection": {"chosen_lr": 1.6e-3, "chosen": 2, "grid": cut}})
-    assert run._patience(cut[-1]) == " (4x patience, 2x budget)"
+    assert run._patience(cut[-1]) == f" ({ipo.PATIENCE_UP}x patience, {ipo.BUDGET_UP}x budget)"
     # a rate trained again with more patience is not a rate of the grid
     run.check_lr_grid(d, cfg, {"heads": ["1.1"], "ipo": {"selection": {"grid": [
         {"lr": lr, "below_grid": False, "patience_factor": f} for lr, f in
