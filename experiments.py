@@ -477,8 +477,8 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
     lines += ["", "95% intervals (bootstrap over questions; texts for KL, CE) are in the run reports and table.json.", ""]
     unconverged = [r["run"] for r in rows if r["converged"] is False]
     if unconverged:
-        lines += [f"**{len(unconverged)} IPO edit(s) did NOT converge** (step budget spent while the validation loss "
-                  f"still fell): {', '.join(unconverged)}. Their figures understate what an edit there can do.", ""]
+        lines += [f"**{len(unconverged)} IPO edit(s) did NOT converge** (step budget spent before the stopping rule "
+                  f"fired): {', '.join(unconverged)}. Their figures understate what an edit there can do.", ""]
     early = [r["run"] for r in rows if r.get("at_warmup")]
     if early:
         lines += [f"**{len(early)} IPO edit(s) kept their first checkpoint after the warm-up** (every rate tried "

@@ -532,7 +532,7 @@ def next_try(selection: dict, every: int) -> tuple[float, int, int] | None:
     - when lower rates were tried and lost after the stopping rule ended them, the highest of them again with
       PATIENCE_UP times the patience, once: at a lower rate the same progress takes more steps, and a plateau
       can outlast the patience (seen at tau 0.5, where one seed passed a plateau that stopped another).
-    When the edit kept did not converge (its step budget ran out while the validation loss still fell), the same
+    When the edit kept did not converge (its step budget ran out before the stopping rule fired), the same
     training goes on, from its last state, to BUDGET_UP times its budget, once: the stopping rule, not the
     budget, should end the optimum's training (seen at tau 0.5 after the patience retry)."""
     grid = selection["grid"]
@@ -814,7 +814,7 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
         g = sel["grid"][sel["chosen"]]
         more = f" ({g['patience_factor']}x patience)" if g["patience_factor"] > 1 else ""
         log(f"ipo: lr {g['lr']:g}{more} "
-            + (f"spent its budget of {g['steps']} steps with the validation loss still falling (best at step "
+            + (f"spent its budget of {g['steps']} steps before the stopping rule fired (best at step "
                f"{g['best_step']}): training it on to {nxt[2]}x the budget" if nxt[2] > 1 else
                f"kept its best validation at step {g['best_step']}, the end of the {g['warmup']}-step warm-up: "
                + (f"trying {nxt[0]:g}" if nxt[1] == 1 else f"training {nxt[0]:g} again with {nxt[1]}x the patience")))

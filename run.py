@@ -642,8 +642,8 @@ def reselect(d: Path, cfg: RunConfig, meta: dict | None) -> bool:
         return False
     g = sel["grid"][sel["chosen"]] if "chosen" in sel else next(g for g in sel["grid"] if g["lr"] == sel["chosen_lr"])
     if nxt[2] > 1:
-        log(f"{d}: its edit (lr {g['lr']:g}{_patience(g)}) spent its step budget with the validation loss still "
-            f"falling; selecting again, with that training gone on to {nxt[2]}x the budget (the rates trained are kept)")
+        log(f"{d}: its edit (lr {g['lr']:g}{_patience(g)}) spent its step budget before the stopping rule "
+            f"fired; selecting again, with that training gone on to {nxt[2]}x the budget (the rates trained are kept)")
     else:
         log(f"{d}: its learning rate {g['lr']:g} kept its best validation at step {g['best_step']}, the end of the "
             f"warm-up; selecting again, " + (f"with the lower rate {nxt[0]:g}" if nxt[1] == 1 else
