@@ -673,20 +673,25 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=True)
         diff = sorted(k for k in run if st["run"].get(k) != run[k])
-        # a run whose budget ran out goes on under a larger one: the pair order of each epoch and the constant rate
-        # after the warm-up do not depend on the budget, so this equals a run given the larger budget from the start
-        # (when the old budget is a multiple of stop.every; else it has one more validation, at the old budget)
-        longer = diff == ["epochs"] and st["reason"] == "budget" and epochs > st["run"]["epochs"]
-        if diff and not longer:
+        if diff and diff != ["epochs"]:
             raise ValueError(f"{ckpt}: checkpoint of a different run (differs in {diff}); "
                              "use another out_dir or delete it")
+        # the same training under another step budget: the pair order of each epoch and the constant rate after the
+        # warm-up do not depend on the budget, so it goes on under the larger of the two, exactly as if given that
+        # budget from the start (when the smaller budget is a multiple of stop.every; else it has one validation
+        # more, at the smaller budget)
+        longer = bool(diff) and epochs > st["run"]["epochs"]
+        if diff and not longer:  # it went on under a larger budget already: that training, as far as it went
+            epochs = run["epochs"] = st["run"]["epochs"]
+            budget = epochs * per_epoch
+            stop_at = budget if max_steps is None else min(budget, max_steps)
         edit.load_state(st["edit"])
         opt.load_state_dict(st["opt"])
         step, curve, sums, bad, reason, best = st["step"], st["curve"], st["sums"], st["bad"], st["reason"], st["best"]
-        if longer:
+        if longer and reason == "budget":
             reason = None
         log(f"ipo: resuming from {ckpt} at step {step} (budget {budget}"
-            + (f", was {st['run']['epochs'] * per_epoch} when it stopped" if longer else "") + ")")
+            + (f"; {st['run']['epochs'] * per_epoch} when it was saved" if diff else "") + ")")
 
     def snapshot() -> dict:
         return {"run": run, "step": step, "curve": copy.deepcopy(curve), "sums": list(sums), "bad": bad,
@@ -791,7 +796,7 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
         edit, m = train_ipo(model, tokenizer, pairs_train, pairs_val, prompts, mask, lr=lr, stop=rule, ref_dir=out,
                             out_dir=out / (f"lr{lr:g}" + (f"-p{rule.patience}" if factor > 1 else "")), log=log,
                             epochs=epochs * budget, **kw)
-        t = (m["val_loss"], lr, edit, m, below_grid, factor, budget)
+        t = (m["val_loss"], lr, edit, m, below_grid, factor, m["epochs"] // epochs)  # the budget it ran under
         same = [i for i, u in enumerate(tried) if u[1] == lr and u[5] == factor]
         if same:  # the same training gone on under a larger budget: it replaces its earlier record
             tried[same[0]] = t

@@ -380,7 +380,8 @@ def test_resume_equals_uninterrupted_run(model, tmp_path):
 
 def test_a_run_whose_budget_ran_out_goes_on_under_a_larger_one(model, tmp_path):
     """A run stopped by its step budget (the stopping rule never fired), called again with more epochs, goes on from
-    its last state and ends exactly where a run given the larger budget from the start ends."""
+    its last state and ends exactly where a run given the larger budget from the start ends; called again with the
+    smaller budget, it is that longer training; a converged run is the same under any larger budget."""
     tok, prompts = CharTokenizer(), Prompts()
     kw = dict(tau=0.2, lr=1e-2, batch_size=3, log=lambda s: None, stop=ipo.StopRule(every=1, patience=100))
     full, m_full = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "a", epochs=2, **kw)
@@ -389,17 +390,18 @@ def test_a_run_whose_budget_ran_out_goes_on_under_a_larger_one(model, tmp_path):
     logs = []
     on, m_on = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", epochs=2,
                              **{**kw, "log": logs.append})
-    assert "was 3 when it stopped" in logs[0] and m_on["steps"] == m_full["steps"] == 6 and m_on["budget"] == 6
+    assert "3 when it was saved" in logs[0] and m_on["steps"] == m_full["steps"] == 6 and m_on["budget"] == 6
     assert torch.equal(on.a, full.a) and torch.equal(on.b, full.b) and m_on["curve"] == m_full["curve"]
     assert not torch.equal(one.b, full.b)
-    for other in ({"epochs": 1}, {"epochs": 3, "tau": 0.3}):  # a smaller budget, or another change: another run
-        with pytest.raises(ValueError, match="different run"):
-            ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", **{**kw, **other})
+    again, m_again = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", epochs=1, **kw)
+    assert m_again["epochs"] == 2 and m_again["steps"] == 6 and torch.equal(again.b, full.b)
+    with pytest.raises(ValueError, match="different run"):  # another change than the budget: another run
+        ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "b", **{**kw, "tau": 0.3})
     conv = {**kw, "stop": ipo.StopRule(every=1, patience=1, min_delta=0.0)}  # stops at the first non-gain
-    _, m_conv = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "c", epochs=2, **conv)
-    assert m_conv["converged"]  # a converged run is finished: a larger budget is another run
-    with pytest.raises(ValueError, match="different run"):
-        ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "c", epochs=3, **conv)
+    done, m_conv = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "c", epochs=2, **conv)
+    assert m_conv["converged"] and m_conv["steps"] < 6
+    same, m_same = ipo.train_ipo(model, tok, PAIRS, PAIRS[:2], prompts, None, out_dir=tmp_path / "c", epochs=3, **conv)
+    assert m_same["steps"] == m_conv["steps"] and m_same["converged"] and torch.equal(same.b, done.b)
 
 
 def test_bad_input(model, tmp_path):
@@ -492,7 +494,8 @@ def test_select_ipo_tries_lower_rates_when_the_lowest_is_too_fast(tmp_path, monk
         calls.append(lr)
         patience.append((stop.patience, out_dir.name))
         return _FakeEdit(), {"val_loss": loss(lr), "best_step": best_step(lr), "steps": 200, "converged": True,
-                             "warmup": ipo.WARMUP, "curve": [{"step": 0, "val_loss": 25.0}], "lr": lr}
+                             "warmup": ipo.WARMUP, "curve": [{"step": 0, "val_loss": 25.0}], "lr": lr,
+                             "epochs": kw["epochs"]}
 
     monkeypatch.setattr(ipo, "train_ipo", fake_train)
     _, m = ipo.select_ipo(None, None, [], [], None, None, lrs=lrs, out_dir=tmp_path, log=lambda s: None,
@@ -518,7 +521,7 @@ def test_select_ipo_trains_on_the_edit_kept_when_its_budget_ran_out(tmp_path, mo
         conv = epochs > still_falling_at
         return _FakeEdit(), {"val_loss": 10.0 - epochs - lr, "best_step": 100 * epochs, "steps": 100 * epochs,
                              "converged": conv, "warmup": ipo.WARMUP, "curve": [{"step": 0, "val_loss": 25.0}],
-                             "lr": lr}
+                             "lr": lr, "epochs": epochs}
 
     monkeypatch.setattr(ipo, "train_ipo", fake_train)
     _, m = ipo.select_ipo(None, None, [], [], None, None, lrs=[1e-3, 4e-3], out_dir=tmp_path, log=lambda s: None,
