@@ -691,7 +691,8 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
         if longer and reason == "budget":
             reason = None
         log(f"ipo: resuming from {ckpt} at step {step} (budget {budget}"
-            + (f"; {st['run']['epochs'] * per_epoch} when it was saved" if diff else "") + ")")
+            + ((f"; {st['run']['epochs'] * per_epoch} when it was saved" if longer else
+                ", to which this training went on earlier") if diff else "") + ")")
 
     def snapshot() -> dict:
         return {"run": run, "step": step, "curve": copy.deepcopy(curve), "sums": list(sums), "bad": bad,
