@@ -153,11 +153,12 @@ def preference(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit
 
 
 def mc_scores(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, max_tokens: int = 512) -> dict:
     """MC1 (from mc1 targets), MC2 and MC3 (from mc2 targets) with the edit active. The prompt is the
     generation prompt, each answer is " " + answer; its score is the sum of its tokens' log-probabilities.
-    The shared instruction + primer is run once (keys/values reused); all answers of a question form one
-    batch. Returns "mc1", "mc2", "mc3" (means) and "per_question" lists of each."""
+    The shared instruction + primer is run once (keys/values reused); questions with all their distinct answers
+    are packed into rows of about max_tokens tokens after it (`ipo.answer_logprobs`). Returns "mc1", "mc2",
+    "mc3" (means) and "per_question" lists of each."""
     questions = [q for q in questions]
     bad = [q.qid for q in questions if not (any(q.mc1.values()) and any(q.mc2.values())
                                              and not all(q.mc1.values()) and not all(q.mc2.values()))]
@@ -166,23 +167,35 @@ def mc_scores(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit 
     if not questions:
         raise ValueError("mc_scores: no questions")
     past, rests = shared_prefix(model, tokenizer, prompts, questions, edit)
+    texts = [list(dict.fromkeys(list(q.mc1) + list(q.mc2))) for q in questions]  # every distinct answer, once
+    ids = [[encode_answer(tokenizer, a) for a in t] for t in texts]
+    rows, size = [[]], 0  # question indices per packed row
+    for i, (rest, ys) in enumerate(zip(rests, ids)):
+        n = len(rest) + sum(len(y) - 1 for y in ys)  # tokens this question adds to a row
+        if rows[-1] and size + n > max_tokens:
+            rows.append([])
+            size = 0
+        rows[-1].append(i)
+        size += n
     per = {"mc1": [], "mc2": [], "mc3": []}
     meter = Progress(len(questions), "mc", unit="questions") if progress else None
-    for q, rest in zip(questions, rests):
-        texts = list(dict.fromkeys(list(q.mc1) + list(q.mc2)))  # every distinct answer, scored once
-        with torch.inference_mode():  # sum of answer-token log-probs, all answers packed into one row
-            lp = answer_logprobs(model, [rest], [[encode_answer(tokenizer, a) for a in texts]],
-                                 prefix_kv=past, edit=edit, average=False).tolist()
-        score = dict(zip(texts, lp))
+    for row in rows:
+        with torch.inference_mode():  # sum of answer-token log-probs: [sum of the row's answers]
+            lp = answer_logprobs(model, [rests[i] for i in row], [ids[i] for i in row], prefix_kv=past, edit=edit,
+                                 average=False).tolist()
+        for i in row:
+            q, k = questions[i], len(texts[i])
+            score = dict(zip(texts[i], lp[:k]))
+            lp = lp[k:]
 
-        def split(targets: dict) -> tuple[list[float], list[float]]:  # true answers keep their order (best first)
-            return ([score[a] for a, y in targets.items() if y], [score[a] for a, y in targets.items() if not y])
+            def split(targets: dict) -> tuple[list[float], list[float]]:  # true answers keep their order (best first)
+                return ([score[a] for a, y in targets.items() if y], [score[a] for a, y in targets.items() if not y])
 
-        mc1 = mc_from_logprobs(*split(q.mc1))[0]
-        _, mc2, mc3 = mc_from_logprobs(*split(q.mc2))
-        per["mc1"].append(mc1), per["mc2"].append(mc2), per["mc3"].append(mc3)
+            mc1 = mc_from_logprobs(*split(q.mc1))[0]
+            _, mc2, mc3 = mc_from_logprobs(*split(q.mc2))
+            per["mc1"].append(mc1), per["mc2"].append(mc2), per["mc3"].append(mc3)
         if meter:
-            meter.update(1, extra=f"MC1 {np.mean(per['mc1']):.3f} MC2 {np.mean(per['mc2']):.3f}")
+            meter.update(len(row), extra=f"MC1 {np.mean(per['mc1']):.3f} MC2 {np.mean(per['mc2']):.3f}")
     if meter:
         meter.close()
     return {k: float(np.mean(v)) for k, v in per.items()} | {"n": len(questions), "per_question": per}

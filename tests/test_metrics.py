@@ -76,12 +76,14 @@ def full_logprob(model, ids_prompt, ids_answer, edit=None, newest=False):
     return sum(lp[len(ids_prompt) + j - 1, t].item() for j, t in enumerate(ids_answer))
 
 
+@pytest.mark.parametrize("max_tokens", [1, 512])  # each question in its own row; all packed into one
 @pytest.mark.parametrize("which", ["none", "all", "newest"])
-def test_mc_scores_match_full_forward(model, tok, which):
+def test_mc_scores_match_full_forward(model, tok, which, max_tokens):
     torch.manual_seed(0)
     edit = None if which == "none" else ConstEdit(1, torch.randn(model.cfg.d_model), positions=which)
     qs = make_questions()
-    got = metrics.mc_scores(model, tok, PROMPTS, qs, edit=edit, progress=False)
+    assert len(qs) > 1
+    got = metrics.mc_scores(model, tok, PROMPTS, qs, edit=edit, progress=False, max_tokens=max_tokens)
     for qi, q in enumerate(qs):
         prompt = tok.encode(PROMPTS.generation(q.question))
 
