@@ -224,13 +224,15 @@ def _split_at_answer(text: str) -> tuple[str, str]:
 
 @torch.inference_mode()
 def kl_ce(model: Llama, tokenizer, texts: Sequence[str], edit: Edit | None = None, batch_size: int = 16,
-          progress: bool = True, every_position: bool = False) -> dict:
+          progress: bool = True, every_position: bool = False, base_cache: Path | None = None) -> dict:
     """Mean per-token KL(base || edited) = sum_v p_base(v) (log p_base(v) - log p_edit(v)) over every position
     that predicts a token of the text, and the edited model's cross-entropy there (nats/token).
 
     A "newest" edit (ITI) acts from the last token of the prompt part ("...A:") on, as while generating; a
     text without a line starting "A:", or any text with every_position (off-target text, as ITI measures it),
-    gets it everywhere. An "all" edit acts everywhere. Returns "kl", "ce"
+    gets it everywhere. An "all" edit acts everywhere. base_cache: a directory where the base model's final
+    residuals on these texts are kept (a file keyed by the model and the tokens, written on first use): later
+    calls then run only the LM head for the base side, with the same numbers. Returns "kl", "ce"
     (token-weighted means over all texts), "tokens", and "per_text": {"kl", "ce", "tokens"} (per-text means)."""
     texts = list(texts)
     if not texts:
@@ -246,6 +248,7 @@ def kl_ce(model: Llama, tokenizer, texts: Sequence[str], edit: Edit | None = Non
         raise ValueError(f"kl_ce: texts {short[:10]} have fewer than 2 tokens (nothing to predict)")
     newest = edit is not None and edit.positions == "newest"
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # batch similar lengths: little padding
+    cache = None if base_cache is None else _BaseResiduals(Path(base_cache), model, enc, batch_size)
     kl_sum, ce_sum, n_tok = [0.0] * len(enc), [0.0] * len(enc), [len(e) - 1 for e in enc]
     meter = Progress(len(enc), "kl", unit="texts") if progress else None
     for s in range(0, len(order), batch_size):
@@ -256,7 +259,12 @@ def kl_ce(model: Llama, tokenizer, texts: Sequence[str], edit: Edit | None = Non
             edit_mask = torch.zeros(ids.shape, dtype=torch.bool, device=model.device)  # [B, T]
             for b, i in enumerate(rows):
                 edit_mask[b, starts[i]:] = True
-        base = model(ids).float().log_softmax(-1)[:, :-1]  # log p_base: [B, T-1, V]
+        h = cache.get(rows, ids.shape) if cache is not None and cache.saved else None  # [B, T, M] final residual
+        if h is None:
+            h = model(ids, output="hidden")  # [B, T, M]
+            if cache is not None:
+                cache.put(rows, h)
+        base = model.logits(h).float().log_softmax(-1)[:, :-1]  # log p_base: [B, T-1, V]
         edited = base if edit is None else model(ids, edit=edit, edit_mask=edit_mask).float().log_softmax(-1)[:, :-1]
         valid = mask[:, 1:].float()  # [B, T-1]: position t predicts real token t+1
         kl = (base.exp() * (base - edited)).sum(-1) * valid  # [B, T-1]
@@ -267,10 +275,57 @@ def kl_ce(model: Llama, tokenizer, texts: Sequence[str], edit: Edit | None = Non
             meter.update(len(rows))
     if meter:
         meter.close()
+    if cache is not None:
+        cache.save()
     N = sum(n_tok)
     return {"kl": sum(kl_sum) / N, "ce": sum(ce_sum) / N, "tokens": N,
             "per_text": {"kl": [k / n for k, n in zip(kl_sum, n_tok)], "ce": [c / n for c, n in zip(ce_sum, n_tok)],
                          "tokens": n_tok}}
+
+
+class _BaseResiduals:
+    """The base model's final residuals [T_i, M] on kl_ce's texts, kept in one file per model, texts and batch
+    size (a residual depends on its batch's shape only through the order of sums, so the batches are the same
+    every time): the base side of KL then costs only the LM head. `saved`: whether the file was there."""
+
+    def __init__(self, folder: Path, model: Llama, enc: list[list[int]], batch_size: int):
+        import hashlib
+        import json
+
+        weights = [str(model.dtype), getattr(model, "source", None)] + [  # every weight tensor's sum: a changed
+            float(p.float().sum()) for p in model.parameters()]            # model is another model
+        key = hashlib.sha256(json.dumps([weights, enc, batch_size]).encode()).hexdigest()[:16]
+        self.path, self.key, self.lens = folder / f"kl-base-{key}.safetensors", key, [len(e) for e in enc]
+        self.h: dict[int, torch.Tensor] = {}
+        self.saved = self.path.exists()
+        if self.saved:
+            from safetensors.torch import load_file
+
+            flat = load_file(str(self.path))["h"].to(model.device)  # [sum T_i, M], the texts in order
+            self.h = dict(enumerate(flat.split(self.lens)))
+
+    def get(self, rows: list[int], shape: torch.Size) -> torch.Tensor:
+        h = torch.zeros(*shape, self.h[rows[0]].shape[-1], dtype=self.h[rows[0]].dtype,
+                        device=self.h[rows[0]].device)  # [B, T, M]
+        for b, i in enumerate(rows):
+            h[b, :self.lens[i]] = self.h[i]
+        return h
+
+    def put(self, rows: list[int], h: torch.Tensor) -> None:
+        for b, i in enumerate(rows):
+            self.h[i] = h[b, :self.lens[i]].clone()
+
+    def save(self) -> None:
+        if self.saved:
+            return
+        from safetensors.torch import save_file
+
+        from llama import write_file_atomic
+
+        flat = torch.cat([self.h[i] for i in range(len(self.lens))]).contiguous().cpu()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(self.path, lambda tmp: save_file({"h": flat}, tmp, metadata={"key": self.key}))
+        self.saved = True
 
 
 # ----------------------------------------------------------------------------------------------------------

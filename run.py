@@ -452,9 +452,11 @@ def evaluate(ctx: Context, edit, label: str, parts: Path | None = None) -> dict:
         del have["pref"]
     mc = piece("mc", lambda: metrics.mc_scores(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
     pref = piece("pref", lambda: metrics.preference(ctx.model, ctx.tok, ctx.prompts, qs, edit=edit))
-    kl = piece("kl", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.kl_texts(), edit=edit,
-                                           every_position=True))  # off-target
-    kl_qa = piece("kl_qa", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.qa_texts(), edit=edit))  # in-domain
+    base_cache = cache_dir() / "evals"  # the base model's residuals on the KL texts, computed once per machine
+    kl = piece("kl", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.kl_texts(), edit=edit, every_position=True,
+                                           base_cache=base_cache))  # off-target
+    kl_qa = piece("kl_qa", lambda: metrics.kl_ce(ctx.model, ctx.tok, ctx.qa_texts(), edit=edit,
+                                                 base_cache=base_cache))  # in-domain
     note_kept("evaluation", None)
     per = {"mc1": mc["per_question"]["mc1"], "mc2": mc["per_question"]["mc2"], "mc3": mc["per_question"]["mc3"],
            "pref_acc": pref["per_question"]["pref_acc"], "pref_margin": pref["per_question"]["pref_margin"],

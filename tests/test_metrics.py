@@ -109,6 +109,32 @@ def test_mc_edit_changes_scores(model, tok):
 
 # ---- KL and CE ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("which", ["all", "newest"])
+def test_kl_with_cached_base_residuals_is_identical(model, tok, tmp_path, which, monkeypatch):
+    """The base side of KL read from the cached final residuals gives the same numbers, bit for bit, as running the
+    base model; the cache is written on first use, read after, and a changed model does not read it."""
+    texts = metrics.qa_texts(make_questions()) + ["Some neutral text.", "More text, a little longer than that."]
+    edit = ConstEdit(1, torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0)), positions=which)
+    want = metrics.kl_ce(model, tok, texts, edit=edit, progress=False, batch_size=2)
+    first = metrics.kl_ce(model, tok, texts, edit=edit, progress=False, batch_size=2, base_cache=tmp_path)
+    files = list(tmp_path.glob("kl-base-*.safetensors"))
+    assert len(files) == 1 and first == want
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: calls.append(k.get("edit")) or forward(self, *a, **k))
+    again = metrics.kl_ce(model, tok, texts, edit=edit, progress=False, batch_size=2, base_cache=tmp_path)
+    assert again == want and all(e is edit for e in calls)  # only the edited side ran the model
+    assert metrics.kl_ce(model, tok, texts, progress=False, batch_size=2, base_cache=tmp_path)["kl"] == 0.0
+    with torch.no_grad():
+        model.layers[0].w_up.weight[0, 0] += 1.0  # another model: another cache file
+    try:
+        metrics.kl_ce(model, tok, texts, edit=edit, progress=False, batch_size=2, base_cache=tmp_path)
+        assert len(list(tmp_path.glob("kl-base-*.safetensors"))) == 2
+    finally:
+        with torch.no_grad():
+            model.layers[0].w_up.weight[0, 0] -= 1.0
+
+
 def test_kl_zero_for_zero_edit_positive_otherwise(model, tok):
     texts = metrics.qa_texts(make_questions()) + ["Some neutral text without an answer."]
     none = metrics.kl_ce(model, tok, texts, progress=False)
