@@ -629,7 +629,8 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
     rule reads (a subsample is fine). lr None: `default_lr` by head count. AdamW (fp32 state, no weight
     decay), linear warm-up over `warmup` steps then a constant rate, gradient-norm clipping at `clip`.
     Deterministic on CPU for a given seed. A checkpoint out_dir/ckpt.pt is written every `ckpt_every` steps
-    and at each validation; calling again with the same arguments resumes from it. max_steps pauses after
+    and at each validation; calling again with the same arguments resumes from it (with another
+    `epochs`: the same training, under the larger of the two budgets). max_steps pauses after
     that many steps in total (nothing is saved as final; a later call resumes). Reference log-probs are
     cached in ref_dir (default out_dir). A non-finite loss or gradient stops with a ValueError, leaving the
     last state with a finite loss in ckpt.pt.
