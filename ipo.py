@@ -322,6 +322,20 @@ def answer_logprobs(model: Llama, prompts: Sequence[Sequence[int]], answers: Seq
     return total / torch.tensor(tree.n_answers, device=h.device) if average else total
 
 
+def pack_rows(sizes: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive items (prompts with their answers, `sizes` tokens each) into rows of at most max_tokens tokens,
+    greedily and in order; an item larger than max_tokens gets a row of its own. -> item indices per row."""
+    rows: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(sizes):
+        if not rows or size + n > max_tokens:
+            rows.append([])
+            size = 0
+        rows[-1].append(i)
+        size += n
+    return rows
+
+
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] in fp32: logits [n, V], targets [n] -> [n]."""
     logits = logits.float()
@@ -398,7 +412,6 @@ def pair_logprobs(model: Llama, data: PairData, edit: Edit | None = None, averag
     skip = _load_partial(partial, keys, lp) if partial else 0  # prompts done by an interrupted pass
     kv = prefix_cache(model, data.prefix, edit)
     meter = Progress(len(groups) - skip, progress, unit="prompts") if progress else None
-    row: list[tuple] = []
     saved = time.time()
 
     def run(row):
@@ -412,16 +425,9 @@ def pair_logprobs(model: Llama, data: PairData, edit: Edit | None = None, averag
             _save_partial(partial, keys, lp)
             saved = time.time()
 
-    size = 0
-    for x, ys in list(groups.items())[skip:]:
-        n = len(x) + sum(len(y) - 1 for y in ys)  # tokens this prompt adds to a row
-        if row and size + n > max_tokens:
-            run(row)
-            row, size = [], 0
-        row.append(x)
-        size += n
-    if row:
-        run(row)
+    todo = list(groups.items())[skip:]
+    for row in pack_rows([len(x) + sum(len(y) - 1 for y in ys) for x, ys in todo], max_tokens):
+        run([todo[i][0] for i in row])
     if meter:
         meter.close()
     return torch.tensor([[lp[tuple(x), tuple(c)], lp[tuple(x), tuple(r)]]

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ipo import answer_logprobs, encode_answer  # log p(answer | prompt), shared with IPO training
+from ipo import answer_logprobs, encode_answer, pack_rows  # log p(answer | prompt), shared with IPO training
 from llama import Edit, Llama, Progress, pad_right, prefix_cache, shared_prefix_len
 
 STOP = ("\nQ:", "\n\n")  # an answer ends at the next question or at a blank line
@@ -169,14 +169,7 @@ def mc_scores(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit 
     past, rests = shared_prefix(model, tokenizer, prompts, questions, edit)
     texts = [list(dict.fromkeys(list(q.mc1) + list(q.mc2))) for q in questions]  # every distinct answer, once
     ids = [[encode_answer(tokenizer, a) for a in t] for t in texts]
-    rows, size = [[]], 0  # question indices per packed row
-    for i, (rest, ys) in enumerate(zip(rests, ids)):
-        n = len(rest) + sum(len(y) - 1 for y in ys)  # tokens this question adds to a row
-        if rows[-1] and size + n > max_tokens:
-            rows.append([])
-            size = 0
-        rows[-1].append(i)
-        size += n
+    rows = pack_rows([len(rest) + sum(len(y) - 1 for y in ys) for rest, ys in zip(rests, ids)], max_tokens)
     per = {"mc1": [], "mc2": [], "mc3": []}
     meter = Progress(len(questions), "mc", unit="questions") if progress else None
     for row in rows:
