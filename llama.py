@@ -553,11 +553,7 @@ class Llama(nn.Module):
         sorted by length into batches of `batch_size` to keep left padding short."""
         bos = getattr(tokenizer, "add_bos", False)  # Llama-1/2 sentencepiece models expect a BOS, SmolLM2 none
         enc = [tokenizer.encode(p, bos=bos) for p in prompts]
-        # the tokens all prompts share (TruthfulQA's instruction and primer) run once, not once per prompt
-        P = shared_prefix_len(enc) if len(enc) > 1 else 0
-        with torch.inference_mode():
-            kv = prefix_cache(self, enc[0][:P], edit)
-        enc = [e[P:] for e in enc]
+        kv, enc = split_prefix(self, enc, edit)  # the tokens all prompts share (instruction, primer) run once
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
         result: list[str] = [""] * len(enc)
         meter = Progress(len(enc), "generate", unit="prompts") if progress else None
@@ -764,6 +760,15 @@ def prefix_cache(model: Llama, prefix: Sequence[int], edit: Edit | None = None):
     if edit is not None and edit.positions != "all":
         edit = None  # a "newest" edit (ITI) never acts on the prefix
     return model(ids, edit=edit, output="kv", last_only=True)[1]
+
+
+def split_prefix(model: Llama, seqs: Sequence[Sequence[int]], edit: Edit | None = None):
+    """The longest token prefix the sequences share (`shared_prefix_len`), its keys/values run once
+    (`prefix_cache`, no gradients), and each sequence's rest: -> (per-layer (k, v) [1, K, P, D] or None, rests)."""
+    P = shared_prefix_len(seqs)
+    with torch.inference_mode():
+        kv = prefix_cache(model, list(seqs[0])[:P], edit) if seqs else None
+    return kv, [list(s)[P:] for s in seqs]
 
 
 def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:

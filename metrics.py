@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ipo import answer_logprobs, encode_answer, pack_rows  # log p(answer | prompt), shared with IPO training
-from llama import Edit, Llama, Progress, pad_right, prefix_cache, shared_prefix_len
+from llama import Edit, Llama, Progress, pad_right, split_prefix
 
 STOP = ("\nQ:", "\n\n")  # an answer ends at the next question or at a blank line
 
@@ -120,14 +120,10 @@ def mc_from_logprobs(true_lps: Sequence[float], false_lps: Sequence[float]) -> t
 
 def shared_prefix(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit | None = None):
     """Token ids of each generation prompt split into (shared prefix ids, per-question rest ids), and the
-    prefix keys/values computed once (`llama.prefix_cache`: a weight edit acts there, a "newest" one does not).
+    prefix keys/values computed once (`llama.split_prefix`: a weight edit acts there, a "newest" one does not).
     The split is at the longest token prefix the prompts' own tokenisations share (as for IPO's pairs), so
     the rest is exactly how the full prompt tokenises."""
-    full = [tokenizer.encode(prompts.generation(_text(q))) for q in questions]
-    P = shared_prefix_len(full)
-    with torch.inference_mode():
-        kv = prefix_cache(model, full[0][:P], edit)  # per layer (k, v): [1, K, P, D]
-    return kv, [f[P:] for f in full]
+    return split_prefix(model, [tokenizer.encode(prompts.generation(_text(q))) for q in questions], edit)
 
 
 def preference(model: Llama, tokenizer, prompts, questions: Sequence, edit: Edit | None = None) -> dict:
@@ -252,8 +248,9 @@ def kl_ce(model: Llama, tokenizer, texts: Sequence[str], edit: Edit | None = Non
             edit_mask = torch.zeros(ids.shape, dtype=torch.bool, device=model.device)  # [B, T]
             for b, i in enumerate(rows):
                 edit_mask[b, starts[i]:] = True
-        h = cache.get(rows, ids.shape) if cache is not None and cache.saved else None  # [B, T, M] final residual
-        if h is None:
+        if cache is not None and cache.saved:
+            h = cache.get(rows, ids.shape)  # [B, T, M]: the base model's final residual
+        else:
             h = model(ids, output="hidden")  # [B, T, M]
             if cache is not None:
                 cache.put(rows, h)
