@@ -47,20 +47,35 @@ def as_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
     return DTYPES[dtype]
 
 
+def cpu_id() -> str:
+    """This CPU as the dtype choice depends on it: model name, family/model number and the bf16 instructions it
+    has. The name alone is not enough: an Ice Lake and a Sapphire Rapids Xeon both call themselves "Intel(R)
+    Xeon(R) Processor", and only the second has AMX (bf16 matmuls about 5x fp32 there, 0.3x on the first)."""
+    info: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            k, _, v = line.partition(":")
+            if not k.strip() and info:
+                break  # the first processor's block is enough
+            info.setdefault(k.strip(), v.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    flags = sorted(set(info.get("flags", "").split()) & {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    return " | ".join([name, f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"] +
+                      ([" ".join(flags)] if flags else []))
+
+
 def fast_dtype(device: str = "cpu") -> str:
     """ "bf16" or "fp32", whichever runs this machine's matmuls faster: "bf16" on a GPU; on a CPU measured once
     (the model's [256, 576] x [576, 1536] shape through `linear`, best of 5, well under a second) and cached per
-    CPU model, torch version and thread count in <cache>/fast_dtype.json. CPUs differ: on the AMD EPYC of
-    earlier measurements bf16 ran about 4x fp32, on an Intel Xeon (Ice Lake) about a third of it.
+    CPU (`cpu_id`), torch version and thread count in <cache>/fast_dtype.json. CPUs differ: on the AMD EPYC of
+    earlier measurements bf16 ran about 4x fp32, on an Intel Xeon (Ice Lake) about a third of it, on a Xeon
+    with AMX about 5x.
     bf16 is chosen only when at least 1.25x faster, since it rounds more."""
     if str(device).startswith("cuda"):
         return "bf16"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    key = f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    key = f"{cpu_id()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = cache_dir() / "fast_dtype.json"
     try:
         known = json.loads(path.read_text())

@@ -532,3 +532,23 @@ def test_fast_dtype_measures_once_and_caches(tmp_path, monkeypatch):
     assert llama.fast_dtype("cpu") == other and llama.as_dtype("auto") == llama.DTYPES[other]
     with pytest.raises(ValueError, match="'auto'"):
         llama.as_dtype("fp64")
+
+
+def test_cpu_id_tells_apart_cpus_of_one_name(tmp_path, monkeypatch):
+    """The dtype cache's key: two Xeons of the same model name, one with AMX and one without, are two keys."""
+    import builtins
+
+    import llama
+
+    block = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {model}\n"
+             "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f {extra}\n\nprocessor\t: 1\n"
+             "model\t\t: 999\nflags\t\t: none\n")
+    real_open = builtins.open
+    ids = []
+    for model, extra in ((106, "avx512_vnni"), (143, "avx512_bf16 amx_bf16 amx_tile")):
+        text = block.format(model=model, extra=extra)
+        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: __import__("io").StringIO(text)
+                            if f == "/proc/cpuinfo" else real_open(f, *a, **k))
+        ids.append(llama.cpu_id())
+    assert ids[0] == "Intel(R) Xeon(R) Processor | family 6 model 106 | avx512f"
+    assert ids[1] == "Intel(R) Xeon(R) Processor | family 6 model 143 | amx_bf16 amx_tile avx512_bf16 avx512f"
