@@ -292,31 +292,79 @@ def pack_tree(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Seque
     return Tree(t(ids), t(pos), mask.to(device), t(newest, torch.bool), t(pred), t(tgt), t(which), n_ans)
 
 
-def tree_forward(model: Llama, tree: Tree, past=None, edit: Edit | None = None) -> torch.Tensor:
+class Below:
+    """The layers below an edit's lowest layer l0 compute the same thing whatever the edit's parameters, so while
+    one edit trains they run once per distinct input: the shared prefix's keys/values there and its residual at
+    l0 (the same every step), and the residual at l0 of each packed row passed with `keep` (the validation rows,
+    packed the same way at every validation). Exact: the layers from l0 up run on bit-identical tensors (the
+    layers below have no edit, and run without gradients either way)."""
+
+    def __init__(self, model: Llama, l0: int):
+        self.model, self.l0 = model, l0
+        self.prefix_kv: tuple[tuple, list] | None = None  # (prefix ids, per-layer (k, v) of layers < l0)
+        self.prefix_r: torch.Tensor | None = None  # the prefix's residual at l0: [1, P, M]
+        self.rows: dict[bytes, torch.Tensor] = {}  # a packed row's key -> its residual at l0: [1, T, M]
+
+    @torch.no_grad()
+    def prefix(self, ids: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """ids: [1, P] -> (per-layer (k, v) of the layers below l0, the residual at l0 [1, P, M])."""
+        key = tuple(ids[0].tolist())
+        if self.prefix_kv is None or self.prefix_kv[0] != key:
+            self.prefix_r, kv = self.model(ids, output="kv", stop_at_layer=self.l0)
+            self.prefix_kv = (key, kv)
+        return self.prefix_kv[1], self.prefix_r
+
+    @torch.no_grad()
+    def row(self, tree: Tree, past, keep: bool) -> torch.Tensor:
+        """The residual at l0 of a packed row: [1, T, M] (kept for the next call when keep)."""
+        key = b"".join(t.cpu().numpy().tobytes() for t in (tree.ids, tree.pos, tree.mask))
+        r = self.rows.get(key)
+        if r is None:
+            r = self.model(tree.ids[None], past=past, output="hidden", pos=tree.pos[None],
+                           attn_mask=tree.mask[None, None], stop_at_layer=self.l0)  # [1, T, M]
+            if keep:
+                self.rows[key] = r
+        return r
+
+
+def tree_forward(model: Llama, tree: Tree, past=None, edit: Edit | None = None, below: Below | None = None,
+                 keep: bool = False) -> torch.Tensor:
     """The final residual [T, M] of a packed row: the model's forward with the tree's positions and attention
-    mask. past: the shared prefix's per-layer (k, v) [1, K, P, D]."""
+    mask. past: the shared prefix's per-layer (k, v) [1, K, P, D]. below: the layers under the edit run once
+    (`Below`; keep: this row's residual there kept for later calls)."""
     emask = None
     if edit is not None and edit.positions == "newest":  # ITI: the last prompt position and the answers
         emask = tree.newest[None]  # [1, T]
+    r, l0 = (None, 0) if below is None else (below.row(tree, past, keep), below.l0)
     return model(tree.ids[None], edit=edit, edit_mask=emask, past=past, output="hidden", pos=tree.pos[None],
-                 attn_mask=tree.mask[None, None])[0]  # [T, M]
+                 attn_mask=tree.mask[None, None], resid=r, start_at_layer=l0)[0]  # [T, M]
+
+
+def edit_prefix(model: Llama, prefix: Sequence[int], edit: Edit | None, below: Below | None = None):
+    """`prefix_cache` with the layers below the edit taken from `below` (run there once)."""
+    if below is None or len(prefix) == 0:
+        return prefix_cache(model, prefix, edit)
+    ids = torch.as_tensor(list(prefix), device=model.device)[None]  # [1, P]
+    kv, r = below.prefix(ids)
+    return kv + model(ids, edit=edit, output="kv", resid=r, start_at_layer=below.l0, last_only=True)[1]
 
 
 def answer_logprobs(model: Llama, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]], *,
-                    prefix_kv=None, edit: Edit | None = None, average: bool = True) -> torch.Tensor:
+                    prefix_kv=None, edit: Edit | None = None, average: bool = True, below: Below | None = None,
+                    keep: bool = False) -> torch.Tensor:
     """log p(answer | prefix + prompt) for each prompt's answers, flattened: [sum_i len(answers[i])].
 
     prompts[i]: token ids after the shared prefix (at least one), answers[i]: a list of answer token lists.
     prefix_kv: from `prefix_cache` (None: no prefix). Everything runs as one packed row (`pack_tree`): each
     prompt once, each answer once, no padding; only answer positions reach the LM head. average=True: mean
     over the answer's tokens, else the sum. An "all" edit acts everywhere; a "newest" edit (ITI) on the last
-    prompt position and the answer positions, as in generation.
+    prompt position and the answer positions, as in generation. below, keep: see `tree_forward`.
     """
     P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
     tree = pack_tree(prompts, answers, P, model.device)
     if not tree.n_answers:
         return torch.zeros(0, device=model.device)
-    h = tree_forward(model, tree, prefix_kv, edit)  # [T, M]
+    h = tree_forward(model, tree, prefix_kv, edit, below, keep)  # [T, M]
     lp = _token_logprobs(model.logits(h[tree.pred]), tree.tgt)  # [n]
     total = torch.zeros(len(tree.n_answers), device=h.device).index_add(0, tree.which, lp)  # [N]
     return total / torch.tensor(tree.n_answers, device=h.device) if average else total
@@ -393,13 +441,14 @@ def encode_answer(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def pair_logprobs(model: Llama, data: PairData, edit: Edit | None = None, average: bool = True,
-                  max_tokens: int = 512, progress: str | None = None, partial: tuple[Path, str] | None = None
-                  ) -> torch.Tensor:
+                  max_tokens: int = 512, progress: str | None = None, partial: tuple[Path, str] | None = None,
+                  below: Below | None = None) -> torch.Tensor:
     """[n, 2] log-probs of (chosen, rejected) for every pair, without gradients. Each distinct prompt runs
     once with its distinct answers (TruthfulQA's pairs are all true x false answer combinations of a
     question), packed into rows of about max_tokens tokens after the prefix.
     `partial` = (path, key): what is done is saved to path about every llama.SAVE_EVERY_S seconds (whole prompts,
-    in order), and a pass interrupted midway goes on from the saved prompts when called again with the same key."""
+    in order), and a pass interrupted midway goes on from the saved prompts when called again with the same key.
+    below: the layers under the edit run once for these pairs (`Below`), the rows kept there for the next call."""
     import llama
 
     groups: dict[tuple, dict[tuple, int]] = {}  # prompt -> {answer: its index}
@@ -410,14 +459,14 @@ def pair_logprobs(model: Llama, data: PairData, edit: Edit | None = None, averag
     keys = [(x, y) for x, ys in groups.items() for y in ys]  # every (prompt, answer), in order
     lp: dict[tuple, float] = {}  # (prompt, answer) -> log-prob
     skip = _load_partial(partial, keys, lp) if partial else 0  # prompts done by an interrupted pass
-    kv = prefix_cache(model, data.prefix, edit)
+    kv = edit_prefix(model, data.prefix, edit, below)
     meter = Progress(len(groups) - skip, progress, unit="prompts") if progress else None
     saved = time.time()
 
     def run(row):
         nonlocal saved
         out = answer_logprobs(model, [list(x) for x in row], [[list(y) for y in groups[x]] for x in row],
-                              prefix_kv=kv, edit=edit, average=average).tolist()
+                              prefix_kv=kv, edit=edit, average=average, below=below, keep=True).tolist()
         lp.update(zip([(x, y) for x in row for y in groups[x]], out))
         if meter:
             meter.update(len(row))
@@ -465,10 +514,11 @@ def _load_partial(partial: tuple[Path, str], keys: list[tuple], lp: dict) -> int
 
 
 def ipo_step_loss(model: Llama, data: PairData, idx: Sequence[int], ref: torch.Tensor, edit: Rank1Edit,
-                  tau: float, average: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  tau: float, average: bool = True, below: Below | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The IPO loss of the pairs idx (with gradients into the edit) and their margins h [B]: the shared
-    prefix once at batch 1 with the edit, then all prompts and answers in one packed row on top of it."""
-    kv = prefix_cache(model, data.prefix, edit)  # [1, K, P, D] per layer
+    prefix once at batch 1 with the edit, then all prompts and answers in one packed row on top of it.
+    below: the prefix's layers under the edit run once (`Below`)."""
+    kv = edit_prefix(model, data.prefix, edit, below)  # [1, K, P, D] per layer
     lp = answer_logprobs(model, *data.batch(idx), prefix_kv=kv, edit=edit, average=average).view(-1, 2)  # [B, 2]
     r = ref[list(idx)].to(lp.device)  # [B, 2]
     h = (lp[:, 0] - r[:, 0]) - (lp[:, 1] - r[:, 1])  # [B]
@@ -476,9 +526,9 @@ def ipo_step_loss(model: Llama, data: PairData, idx: Sequence[int], ref: torch.T
 
 
 def evaluate_pairs(model: Llama, data: PairData, ref: torch.Tensor, edit: Edit | None, tau: float,
-                   average: bool = True) -> dict:
+                   average: bool = True, below: Below | None = None) -> dict:
     """IPO loss, preference accuracy (fraction with h > 0) and mean margin h on pairs, ref: [n, 2]."""
-    lp = pair_logprobs(model, data, edit, average)  # [n, 2]
+    lp = pair_logprobs(model, data, edit, average, below=below)  # [n, 2]
     h = (lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1])  # [n]
     return {"loss": ipo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], tau).item(),
             "acc": (h > 0).float().mean().item(), "margin": h.mean().item()}
@@ -663,6 +713,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
     n_tr = len(pairs_train)
     train, val = both.subset(range(n_tr)), both.subset(range(n_tr, len(both)))
     ref = reference_logprobs(model, {"train": train, "val": val}, average, Path(ref_dir or out))
+    below = Below(model, edit.layers[0]) if edit.layers[0] > 0 else None  # the layers under the edit, run once
     run = {"kind": edit.kind, "heads": edit.heads, "tau": tau, "lr": lr, "epochs": epochs, "scale": scale,
            "batch_size": batch_size, "seed": seed, "average": average, "clip": clip, "warmup": warmup,
            "stop": [stop.every, stop.patience, stop.min_delta],
@@ -723,7 +774,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         idx = order[k * batch_size:(k + 1) * batch_size].tolist()
 
-        loss, h = ipo_step_loss(model, train, idx, ref["train"], edit, tau, average)
+        loss, h = ipo_step_loss(model, train, idx, ref["train"], edit, tau, average, below)
         opt.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
         if finite:
@@ -747,7 +798,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
         if step % stop.every == 0 or step == budget:  # validate; apply the stopping rule
             n = sums[3]
             rec = {"step": step, "train_loss": sums[0] / n, "train_margin": sums[1] / n, "train_acc": sums[2] / n,
-                   **{f"val_{k}": v for k, v in evaluate_pairs(model, val, ref["val"], edit, tau, average).items()}}
+                   **{f"val_{k}": v for k, v in evaluate_pairs(model, val, ref["val"], edit, tau, average, below).items()}}
             curve.append(rec)
             sums = [0.0, 0.0, 0.0, 0]
             if rec["val_loss"] < best["loss"] * (1 - stop.min_delta):

@@ -537,3 +537,55 @@ def test_select_ipo_trains_on_the_edit_kept_when_its_budget_ran_out(tmp_path, mo
 def test_pack_rows_fills_rows_in_order():
     assert ipo.pack_rows([3, 3, 3, 10, 1], 6) == [[0, 1], [2], [3], [4]]  # 10 > 6: a row of its own
     assert ipo.pack_rows([1, 1, 1], 512) == [[0, 1, 2]] and ipo.pack_rows([], 8) == []
+
+
+def upper_mask(cfg):
+    mask = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
+    mask[1, 2] = mask[2, 0] = True  # lowest edited layer 1: layer 0 is the same for every edit
+    return mask
+
+
+def test_layers_below_the_edit_run_once_and_change_nothing(model, monkeypatch):
+    """`Below`: the validation pass and the training step give bit-identical log-probs, losses and gradients
+    with the layers under the edit run once, and the second pass over the same rows runs none of them."""
+    data = ipo.encode_pairs(CharTokenizer(), PAIRS, Prompts())
+    edit = random_edit(model, upper_mask(model.cfg))
+    below = ipo.Below(model, 1)
+    runs = []
+    mlp0 = model.layers[0].mlp
+    monkeypatch.setattr(model.layers[0], "mlp", lambda x: runs.append(x.shape[1]) or mlp0(x))
+    want = ipo.pair_logprobs(model, data, edit, max_tokens=40)
+    n_plain = len(runs)
+    got = [ipo.pair_logprobs(model, data, edit, max_tokens=40, below=below) for _ in range(2)]
+    assert len(runs) == 2 * n_plain  # the first pass with `below` runs layer 0 as a plain pass does, the second not
+    assert torch.equal(got[0], want) and torch.equal(got[1], want) and len(below.rows) > 1
+    other = data.subset([0, 2, 4, 1])  # other rows (the first begins as a kept one does) through the same `below`:
+    assert torch.equal(ipo.pair_logprobs(model, other, edit, max_tokens=40, below=below),  # their own residuals
+                       ipo.pair_logprobs(model, other, edit, max_tokens=40))
+    with torch.no_grad():  # a changed edit reads the same kept rows and gets its own answer
+        edit.a.mul_(-2)
+    assert torch.equal(ipo.pair_logprobs(model, data, edit, max_tokens=40, below=below),
+                       ipo.pair_logprobs(model, data, edit, max_tokens=40))
+    ref = torch.zeros(len(data), 2)
+    grads = []
+    for b in (None, below, below):
+        loss, h = ipo.ipo_step_loss(model, data, [0, 3, 6], ref, edit, 0.5, below=b)
+        ga, gb = torch.autograd.grad(loss, [edit.a, edit.b])
+        grads.append((loss, h, ga, gb))
+    for g in grads[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(g, grads[0]))
+
+
+def test_training_with_the_lower_layers_run_once_equals_a_plain_training(model, tmp_path, monkeypatch):
+    tok, prompts = CharTokenizer(), Prompts()
+    kw = dict(tau=0.5, lr=0.05, epochs=3, warmup=2, batch_size=4, log=lambda s: None,
+              stop=ipo.StopRule(every=2, patience=50))
+    made = []
+    real = ipo.Below
+    monkeypatch.setattr(ipo, "Below", lambda m, l0: made.append(l0) or real(m, l0))
+    edit, m = ipo.train_ipo(model, tok, PAIRS, PAIRS[:3], prompts, upper_mask(model.cfg), out_dir=tmp_path / "a", **kw)
+    monkeypatch.setattr(ipo, "Below", lambda m, l0: None)
+    plain, pm = ipo.train_ipo(model, tok, PAIRS, PAIRS[:3], prompts, upper_mask(model.cfg), out_dir=tmp_path / "b",
+                              **kw)
+    assert made == [1] and torch.equal(edit.a, plain.a) and torch.equal(edit.b, plain.b)
+    assert [r["val_loss"] for r in m["curve"]] == [r["val_loss"] for r in pm["curve"]] and m["steps"] == 6
