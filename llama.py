@@ -71,7 +71,7 @@ def fast_dtype(device: str = "cpu") -> str:
     (the model's [256, 576] x [576, 1536] shape through `linear`, best of 5, well under a second) and cached per
     CPU (`cpu_id`), torch version and thread count in <cache>/fast_dtype.json. CPUs differ: on the AMD EPYC of
     earlier measurements bf16 ran about 4x fp32, on an Intel Xeon (Ice Lake) about a third of it, on a Xeon
-    with AMX about 5x.
+    with AMX about 6x.
     bf16 is chosen only when at least 1.25x faster, since it rounds more."""
     if str(device).startswith("cuda"):
         return "bf16"
