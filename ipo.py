@@ -306,13 +306,16 @@ class Below:
         self.rows: dict[bytes, torch.Tensor] = {}  # a packed row's key -> its residual at l0: [1, T, M]
 
     @torch.no_grad()
-    def prefix(self, ids: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """ids: [1, P] -> (per-layer (k, v) of the layers below l0, the residual at l0 [1, P, M])."""
-        key = tuple(ids[0].tolist())
+    def prefix(self, prefix: Sequence[int]) -> tuple[list, torch.Tensor, int] | None:
+        """For `prefix_cache(lower=)`: (per-layer (k, v) of the layers below l0, the residual at l0 [1, P, M], l0)."""
+        key = tuple(prefix)
+        if not key:
+            return None
         if self.prefix_kv is None or self.prefix_kv[0] != key:
+            ids = torch.as_tensor(key, device=self.model.device)[None]  # [1, P]
             self.prefix_r, kv = self.model(ids, output="kv", stop_at_layer=self.l0)
             self.prefix_kv = (key, kv)
-        return self.prefix_kv[1], self.prefix_r
+        return self.prefix_kv[1], self.prefix_r, self.l0
 
     @torch.no_grad()
     def row(self, tree: Tree, past, keep: bool) -> torch.Tensor:
@@ -338,15 +341,6 @@ def tree_forward(model: Llama, tree: Tree, past=None, edit: Edit | None = None, 
     r, l0 = (None, 0) if below is None else (below.row(tree, past, keep), below.l0)
     return model(tree.ids[None], edit=edit, edit_mask=emask, past=past, output="hidden", pos=tree.pos[None],
                  attn_mask=tree.mask[None, None], resid=r, start_at_layer=l0)[0]  # [T, M]
-
-
-def edit_prefix(model: Llama, prefix: Sequence[int], edit: Edit | None, below: Below | None = None):
-    """`prefix_cache` with the layers below the edit taken from `below` (run there once)."""
-    if below is None or len(prefix) == 0:
-        return prefix_cache(model, prefix, edit)
-    ids = torch.as_tensor(list(prefix), device=model.device)[None]  # [1, P]
-    kv, r = below.prefix(ids)
-    return kv + model(ids, edit=edit, output="kv", resid=r, start_at_layer=below.l0, last_only=True)[1]
 
 
 def answer_logprobs(model: Llama, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]], *,
@@ -459,7 +453,7 @@ def pair_logprobs(model: Llama, data: PairData, edit: Edit | None = None, averag
     keys = [(x, y) for x, ys in groups.items() for y in ys]  # every (prompt, answer), in order
     lp: dict[tuple, float] = {}  # (prompt, answer) -> log-prob
     skip = _load_partial(partial, keys, lp) if partial else 0  # prompts done by an interrupted pass
-    kv = edit_prefix(model, data.prefix, edit, below)
+    kv = prefix_cache(model, data.prefix, edit, below and below.prefix(data.prefix))
     meter = Progress(len(groups) - skip, progress, unit="prompts") if progress else None
     saved = time.time()
 
@@ -518,7 +512,7 @@ def ipo_step_loss(model: Llama, data: PairData, idx: Sequence[int], ref: torch.T
     """The IPO loss of the pairs idx (with gradients into the edit) and their margins h [B]: the shared
     prefix once at batch 1 with the edit, then all prompts and answers in one packed row on top of it.
     below: the prefix's layers under the edit run once (`Below`)."""
-    kv = edit_prefix(model, data.prefix, edit, below)  # [1, K, P, D] per layer
+    kv = prefix_cache(model, data.prefix, edit, below and below.prefix(data.prefix))  # [1, K, P, D] per layer
     lp = answer_logprobs(model, *data.batch(idx), prefix_kv=kv, edit=edit, average=average).view(-1, 2)  # [B, 2]
     r = ref[list(idx)].to(lp.device)  # [B, 2]
     h = (lp[:, 0] - r[:, 0]) - (lp[:, 1] - r[:, 1])  # [B]

@@ -765,16 +765,20 @@ def interrupted_message() -> str:
             + "; run the same command again to resume")
 
 
-def prefix_cache(model: Llama, prefix: Sequence[int], edit: Edit | None = None):
+def prefix_cache(model: Llama, prefix: Sequence[int], edit: Edit | None = None, lower=None):
     """Per-layer (k, v) [1, K, P, D] of a prefix that many sequences share (None if empty), run once: a weight
     edit (positions "all") acts there, a "newest" one (ITI) does not. Gradients flow through them into the edit
-    when grad is enabled."""
+    when grad is enabled. lower: (per-layer (k, v) of layers < l0, the residual at l0 [1, P, M], l0) computed
+    before (`ipo.Below`, for an edit that acts on no layer below l0): only the layers from l0 up run."""
     if len(prefix) == 0:
         return None
     ids = torch.as_tensor(list(prefix), device=model.device)[None]  # [1, P]
     if edit is not None and edit.positions != "all":
         edit = None  # a "newest" edit (ITI) never acts on the prefix
-    return model(ids, edit=edit, output="kv", last_only=True)[1]
+    if lower is None:
+        return model(ids, edit=edit, output="kv", last_only=True)[1]
+    kv, r, l0 = lower
+    return kv + model(ids, edit=edit, output="kv", resid=r, start_at_layer=l0, last_only=True)[1]
 
 
 def split_prefix(model: Llama, seqs: Sequence[Sequence[int]], edit: Edit | None = None):
