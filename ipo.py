@@ -301,8 +301,7 @@ class Below:
 
     def __init__(self, model: Llama, l0: int):
         self.model, self.l0 = model, l0
-        self.prefix_kv: tuple[tuple, list] | None = None  # (prefix ids, per-layer (k, v) of layers < l0)
-        self.prefix_r: torch.Tensor | None = None  # the prefix's residual at l0: [1, P, M]
+        self.done: tuple[tuple, tuple] | None = None  # (prefix ids, what `prefix` returns for them)
         self.rows: dict[bytes, torch.Tensor] = {}  # a packed row's key -> its residual at l0: [1, T, M]
 
     @torch.no_grad()
@@ -311,11 +310,11 @@ class Below:
         key = tuple(prefix)
         if not key:
             return None
-        if self.prefix_kv is None or self.prefix_kv[0] != key:
+        if self.done is None or self.done[0] != key:
             ids = torch.as_tensor(key, device=self.model.device)[None]  # [1, P]
-            self.prefix_r, kv = self.model(ids, output="kv", stop_at_layer=self.l0)
-            self.prefix_kv = (key, kv)
-        return self.prefix_kv[1], self.prefix_r, self.l0
+            r, kv = self.model(ids, output="kv", stop_at_layer=self.l0)  # r: [1, P, M]
+            self.done = (key, (kv, r, self.l0))
+        return self.done[1]
 
     @torch.no_grad()
     def row(self, tree: Tree, past, keep: bool) -> torch.Tensor:
