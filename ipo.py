@@ -295,8 +295,8 @@ def pack_tree(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Seque
 class Below:
     """The layers below an edit's lowest layer l0 compute the same thing whatever the edit's parameters, so while
     one edit trains they run once per distinct input: the shared prefix's keys/values there and its residual at
-    l0 (the same every step), and the residual at l0 of each packed row passed with `keep` (the validation rows,
-    packed the same way at every validation). Exact: the layers from l0 up run on bit-identical tensors (the
+    l0 (the same every step), and the residual at l0 of each packed row it sees (the validation rows, packed the
+    same way at every validation; the training steps' rows do not come here). Exact: the layers from l0 up run on bit-identical tensors (the
     layers below have no edit, and run without gradients either way)."""
 
     def __init__(self, model: Llama, l0: int):
@@ -317,47 +317,45 @@ class Below:
         return self.done[1]
 
     @torch.no_grad()
-    def row(self, tree: Tree, past, keep: bool) -> torch.Tensor:
-        """The residual at l0 of a packed row: [1, T, M] (kept for the next call when keep)."""
+    def row(self, tree: Tree, past) -> torch.Tensor:
+        """The residual at l0 of a packed row: [1, T, M], kept for the next call with the same row."""
         key = b"".join(t.cpu().numpy().tobytes() for t in (tree.ids, tree.pos, tree.mask))
         r = self.rows.get(key)
         if r is None:
-            r = self.model(tree.ids[None], past=past, output="hidden", pos=tree.pos[None],
-                           attn_mask=tree.mask[None, None], stop_at_layer=self.l0)  # [1, T, M]
-            if keep:
-                self.rows[key] = r
+            r = self.rows[key] = self.model(tree.ids[None], past=past, output="hidden", pos=tree.pos[None],
+                                            attn_mask=tree.mask[None, None], stop_at_layer=self.l0)  # [1, T, M]
         return r
 
 
-def tree_forward(model: Llama, tree: Tree, past=None, edit: Edit | None = None, below: Below | None = None,
-                 keep: bool = False) -> torch.Tensor:
+def tree_forward(model: Llama, tree: Tree, past=None, edit: Edit | None = None,
+                 below: Below | None = None) -> torch.Tensor:
     """The final residual [T, M] of a packed row: the model's forward with the tree's positions and attention
     mask. past: the shared prefix's per-layer (k, v) [1, K, P, D]. below: the layers under the edit run once
-    (`Below`; keep: this row's residual there kept for later calls)."""
+    for this row (`Below`)."""
     emask = None
     if edit is not None and edit.positions == "newest":  # ITI: the last prompt position and the answers
         emask = tree.newest[None]  # [1, T]
-    r, l0 = (None, 0) if below is None else (below.row(tree, past, keep), below.l0)
+    r, l0 = (None, 0) if below is None else (below.row(tree, past), below.l0)
     return model(tree.ids[None], edit=edit, edit_mask=emask, past=past, output="hidden", pos=tree.pos[None],
                  attn_mask=tree.mask[None, None], resid=r, start_at_layer=l0)[0]  # [T, M]
 
 
 def answer_logprobs(model: Llama, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]], *,
-                    prefix_kv=None, edit: Edit | None = None, average: bool = True, below: Below | None = None,
-                    keep: bool = False) -> torch.Tensor:
+                    prefix_kv=None, edit: Edit | None = None, average: bool = True,
+                    below: Below | None = None) -> torch.Tensor:
     """log p(answer | prefix + prompt) for each prompt's answers, flattened: [sum_i len(answers[i])].
 
     prompts[i]: token ids after the shared prefix (at least one), answers[i]: a list of answer token lists.
     prefix_kv: from `prefix_cache` (None: no prefix). Everything runs as one packed row (`pack_tree`): each
     prompt once, each answer once, no padding; only answer positions reach the LM head. average=True: mean
     over the answer's tokens, else the sum. An "all" edit acts everywhere; a "newest" edit (ITI) on the last
-    prompt position and the answer positions, as in generation. below, keep: see `tree_forward`.
+    prompt position and the answer positions, as in generation. below: see `tree_forward`.
     """
     P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
     tree = pack_tree(prompts, answers, P, model.device)
     if not tree.n_answers:
         return torch.zeros(0, device=model.device)
-    h = tree_forward(model, tree, prefix_kv, edit, below, keep)  # [T, M]
+    h = tree_forward(model, tree, prefix_kv, edit, below)  # [T, M]
     lp = _token_logprobs(model.logits(h[tree.pred]), tree.tgt)  # [n]
     total = torch.zeros(len(tree.n_answers), device=h.device).index_add(0, tree.which, lp)  # [N]
     return total / torch.tensor(tree.n_answers, device=h.device) if average else total
@@ -459,7 +457,7 @@ def pair_logprobs(model: Llama, data: PairData, edit: Edit | None = None, averag
     def run(row):
         nonlocal saved
         out = answer_logprobs(model, [list(x) for x in row], [[list(y) for y in groups[x]] for x in row],
-                              prefix_kv=kv, edit=edit, average=average, below=below, keep=True).tolist()
+                              prefix_kv=kv, edit=edit, average=average, below=below).tolist()
         lp.update(zip([(x, y) for x in row for y in groups[x]], out))
         if meter:
             meter.update(len(row))

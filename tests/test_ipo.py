@@ -533,7 +533,6 @@ def test_select_ipo_trains_on_the_edit_kept_when_its_budget_ran_out(tmp_path, mo
     assert ipo.next_try(m["selection"], 10) is None  # once only, converged or not
 
 
-
 def test_pack_rows_fills_rows_in_order():
     assert ipo.pack_rows([3, 3, 3, 10, 1], 6) == [[0, 1], [2], [3], [4]]  # 10 > 6: a row of its own
     assert ipo.pack_rows([1, 1, 1], 512) == [[0, 1, 2]] and ipo.pack_rows([], 8) == []

@@ -534,9 +534,10 @@ def test_fast_dtype_measures_once_and_caches(tmp_path, monkeypatch):
         llama.as_dtype("fp64")
 
 
-def test_cpu_id_tells_apart_cpus_of_one_name(tmp_path, monkeypatch):
+def test_cpu_id_tells_apart_cpus_of_one_name(monkeypatch):
     """The dtype cache's key: two Xeons of the same model name, one with AMX and one without, are two keys."""
     import builtins
+    import io
 
     import llama
 
@@ -547,7 +548,7 @@ def test_cpu_id_tells_apart_cpus_of_one_name(tmp_path, monkeypatch):
     ids = []
     for model, extra in ((106, "avx512_vnni"), (143, "avx512_bf16 amx_bf16 amx_tile")):
         text = block.format(model=model, extra=extra)
-        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: __import__("io").StringIO(text)
+        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: io.StringIO(text)
                             if f == "/proc/cpuinfo" else real_open(f, *a, **k))
         ids.append(llama.cpu_id())
     assert ids[0] == "Intel(R) Xeon(R) Processor | family 6 model 106 | avx512f"
