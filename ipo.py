@@ -36,10 +36,11 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -569,9 +570,16 @@ def too_fast(g: dict, every: int) -> bool:
     return g["best_step"] <= g.get("warmup", WARMUP) + every
 
 
-def next_try(selection: dict, every: int) -> tuple[float, int, int] | None:
-    """What select_ipo trains next, as (learning rate, patience factor, budget factor), or None when the selection
-    is final. When the edit kept is too fast (its best validation came no later than one validation, every `every`
+class Try(NamedTuple):
+    lr: float
+    patience: int  # factor on the stopping rule's patience
+    budget: int  # factor on the step budget
+    why: str
+
+
+def next_try(selection: dict, every: int, bound: float | None = None) -> Try | None:
+    """What select_ipo trains next (a Try: learning rate, patience factor, budget factor, and why, in words), or
+    None when the selection is final. When the edit kept is too fast (its best validation came no later than one validation, every `every`
     steps, after the warm-up: the loss rose as soon as the rate was full):
     - when it is the lowest rate tried, a rate LR_DOWN times lower, up to LR_DOWN_MAX rates below the grid: a
       grid's edge is no optimum. (At tau 0.5 the target margin 1/(2 tau) is five times nearer than at 0.1, and
@@ -581,23 +589,42 @@ def next_try(selection: dict, every: int) -> tuple[float, int, int] | None:
       can outlast the patience (seen at tau 0.5, where one seed passed a plateau that stopped another).
     When the edit kept did not converge (its step budget ran out before the stopping rule fired), the same
     training goes on, from its last state, to BUDGET_UP times its budget, once: the stopping rule, not the
-    budget, should end the optimum's training (seen at tau 0.5 after the patience retry)."""
+    budget, should end the optimum's training (seen at tau 0.5 after the patience retry).
+    bound: a validation IPO loss the edit is known to be able to reach (the full model's, from a restriction of it:
+    run.full_model_bounds). While the edit kept is above it, each rate of the grid not yet trained with more
+    patience is, the lowest first, with PATIENCE_UP times the patience: the edit kept is then no optimum, and a
+    lower rate's plateau is the likelier reason (seen at tau 0.5, the full model stopped at step 80 of 480)."""
     grid = selection["grid"]
     chosen = grid[selection["chosen"]] if "chosen" in selection else next(
         g for g in grid if g["lr"] == selection["chosen_lr"])
+    kept = f"lr {chosen['lr']:g}" + (f" ({chosen['patience_factor']}x patience)"
+                                     if chosen.get("patience_factor", 1) > 1 else "")
+    retried = {g["lr"] for g in grid if g.get("patience_factor", 1) > 1}
     if too_fast(chosen, every):
+        why = (f"{kept} kept its best validation at step {chosen['best_step']}, the end of the "
+               f"{chosen.get('warmup', WARMUP)}-step warm-up")
         lower = [g for g in grid if g["lr"] < chosen["lr"]]
         if not lower:
             below = {g["lr"] for g in grid if g.get("below_grid", False)}
             if len(below) < LR_DOWN_MAX:
-                return chosen["lr"] / LR_DOWN, 1, 1
+                lr = chosen["lr"] / LR_DOWN
+                return Try(lr, 1, 1, f"{why}: trying {lr:g}")
         else:
-            retried = {g["lr"] for g in grid if g.get("patience_factor", 1) > 1}
             cut = [g["lr"] for g in lower if g["converged"] and g["lr"] not in retried]
             if cut:
-                return max(cut), PATIENCE_UP, 1
+                return Try(max(cut), PATIENCE_UP, 1, f"{why}: training {max(cut):g} again with {PATIENCE_UP}x the "
+                                                     "patience")
     if not chosen.get("converged", True) and chosen.get("budget_factor", 1) < BUDGET_UP:
-        return chosen["lr"], chosen.get("patience_factor", 1), BUDGET_UP
+        return Try(chosen["lr"], chosen.get("patience_factor", 1), BUDGET_UP,
+                   f"{kept} spent its step budget before the stopping rule fired (best at step "
+                   f"{chosen['best_step']}): training it on to {BUDGET_UP}x the budget")
+    if bound is not None and chosen["val_loss"] > bound:
+        left = sorted({g["lr"] for g in grid} - retried)
+        if left:
+            return Try(left[0], PATIENCE_UP, 1,
+                       f"{kept}: best validation IPO loss {chosen['val_loss']:.4f}, above {bound:.4f}, which a "
+                       f"restriction of this edit reached (the full-model bound): training {left[0]:g} again with "
+                       f"{PATIENCE_UP}x the patience")
     return None
 
 
@@ -722,15 +749,17 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=True)
         diff = sorted(k for k in run if st["run"].get(k) != run[k])
-        if diff and diff != ["epochs"]:
+        was = st["run"]["stop"]  # [every, patience, min_delta]
+        patient = "stop" in diff and was[0::2] == run["stop"][0::2] and run["stop"][1] > was[1]
+        if diff and not set(diff) <= {"epochs", "stop"} or "stop" in diff and not patient:
             raise ValueError(f"{ckpt}: checkpoint of a different run (differs in {diff}); "
                              "use another out_dir or delete it")
         # the same training under another step budget: the pair order of each epoch and the constant rate after the
         # warm-up do not depend on the budget, so it goes on under the larger of the two, exactly as if given that
         # budget from the start (when the smaller budget is a multiple of stop.every; else it has one validation
         # more, at the smaller budget)
-        longer = bool(diff) and epochs > st["run"]["epochs"]
-        if diff and not longer:  # it went on under a larger budget already: that training, as far as it went
+        longer = "epochs" in diff and epochs > st["run"]["epochs"]
+        if "epochs" in diff and not longer:  # it went on under a larger budget already: that training, as far as it went
             epochs = run["epochs"] = st["run"]["epochs"]
             budget = epochs * per_epoch
             stop_at = budget if max_steps is None else min(budget, max_steps)
@@ -739,9 +768,14 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
         step, curve, sums, bad, reason, best = st["step"], st["curve"], st["sums"], st["bad"], st["reason"], st["best"]
         if longer and reason == "budget":
             reason = None
+        # the same training with more patience: the stopping rule reads the curve only to stop, so up to where the
+        # smaller patience stopped, the larger one's training is the same; from there it goes on
+        if patient and reason == "converged" and bad < stop.patience:
+            reason = "budget" if step == budget else None
         log(f"ipo: resuming from {ckpt} at step {step} (budget {budget}"
             + ((f"; {st['run']['epochs'] * per_epoch} when it was saved" if longer else
-                ", to which this training went on earlier") if diff else "") + ")")
+                ", to which this training went on earlier") if "epochs" in diff else "")
+            + (f"; patience {stop.patience}, {was[1]} when it was saved" if patient else "") + ")")
 
     def snapshot() -> dict:
         return {"run": run, "step": step, "curve": copy.deepcopy(curve), "sums": list(sums), "bad": bad,
@@ -825,11 +859,12 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
 
 def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: torch.Tensor | None, *,
                lrs: Sequence[float], out_dir: str | os.PathLike, log: Callable[[str], None] = print,
-               **kw) -> tuple[Rank1Edit, dict]:
+               bound: float | None = None, **kw) -> tuple[Rank1Edit, dict]:
     """The same selection for every edit: train one edit per learning rate in `lrs` (each to convergence by
     the same `StopRule`, in out_dir/lr<lr>/, sharing one reference pass) and keep the one with the lowest
     validation IPO loss. When the rate kept is too fast (best at the end of the warm-up), `next_try` says what
-    to train next: a rate below the grid, or a lower rate again with more patience (in out_dir/lr<lr>-p<n>/).
+    to train next: a rate below the grid, or a lower rate again with more patience (in out_dir/lr<lr>-p<n>/, going
+    on from where the smaller patience stopped); also while the edit kept is above `bound` (see next_try).
     Returns (edit, metrics of the chosen run + "selection"); the chosen edit is also saved to
     out_dir/edit.safetensors. kw: the rest of `train_ipo`'s arguments (`stop` the StopRule)."""
     lrs = list(lrs)
@@ -843,9 +878,13 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
 
     def train(lr: float, below_grid: bool, factor: int = 1, budget: int = 1) -> None:
         rule = replace(stop, patience=stop.patience * factor)
+        d = out / (f"lr{lr:g}" + (f"-p{rule.patience}" if factor > 1 else ""))
+        first = out / f"lr{lr:g}" / "ckpt.pt"
+        if factor > 1 and not (d / "ckpt.pt").exists() and first.exists():  # go on where the smaller patience stopped
+            d.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(d / "ckpt.pt", lambda tmp: shutil.copyfile(first, tmp))
         edit, m = train_ipo(model, tokenizer, pairs_train, pairs_val, prompts, mask, lr=lr, stop=rule, ref_dir=out,
-                            out_dir=out / (f"lr{lr:g}" + (f"-p{rule.patience}" if factor > 1 else "")), log=log,
-                            epochs=epochs * budget, **kw)
+                            out_dir=d, log=log, epochs=epochs * budget, **kw)
         t = (m["val_loss"], lr, edit, m, below_grid, factor, m["epochs"] // epochs)  # the budget it ran under
         same = [i for i, u in enumerate(tried) if u[1] == lr and u[5] == factor]
         if same:  # the same training gone on under a larger budget: it replaces its earlier record
@@ -863,17 +902,11 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
                           "converged": t[3]["converged"], "warmup": t[3]["warmup"], "below_grid": t[4],
                           "patience_factor": t[5], "budget_factor": t[6],
                           "curve": [[r["step"], r["val_loss"]] for r in t[3]["curve"]]}
-                         for t in tried]}
+                         for t in tried], **({"bound": bound} if bound is not None else {})}
 
-    while nxt := next_try(sel := selection(), stop.every):
-        g = sel["grid"][sel["chosen"]]
-        more = f" ({g['patience_factor']}x patience)" if g["patience_factor"] > 1 else ""
-        log(f"ipo: lr {g['lr']:g}{more} "
-            + (f"spent its budget of {g['steps']} steps before the stopping rule fired (best at step "
-               f"{g['best_step']}): training it on to {nxt[2]}x the budget" if nxt[2] > 1 else
-               f"kept its best validation at step {g['best_step']}, the end of the {g['warmup']}-step warm-up: "
-               + (f"trying {nxt[0]:g}" if nxt[1] == 1 else f"training {nxt[0]:g} again with {nxt[1]}x the patience")))
-        train(nxt[0], nxt[0] < min(lrs), nxt[1], nxt[2])
+    while nxt := next_try(sel := selection(), stop.every, bound):
+        log(f"ipo: {nxt.why}")
+        train(nxt.lr, nxt.lr < min(lrs), nxt.patience, nxt.budget)
     _, lr, edit, m, *_ = min(tried, key=lambda t: t[0])
     m = {**m, "selection": sel}
     if len(lrs) > 1:

@@ -32,7 +32,7 @@ import torch
 
 import stats
 from llama import write_file_atomic
-from run import METRICS, Context, RunConfig, UserError, log, run, write_atomic, write_json
+from run import METRICS, Context, RunConfig, UserError, log, meet_full_model_bounds, run, write_atomic, write_json
 
 NULLS = ("random", "layer-matched", "complement")
 GRAD_PAIRS = 64  # training pairs whose IPO gradient ranks the heads for gradK
@@ -324,6 +324,10 @@ def cmd_localize(argv: list[str]) -> int:
     if len(done) < len(runs):
         log(f"{len(done)}/{len(runs)} edits finished; the verdict is drawn once every shard is done")
         return 0
+    by_dir = {rc.slug(): name for name, rc in runs}
+    res = {d: done[name] for d, name in by_dir.items()}
+    meet_full_model_bounds([(rc.slug(), rc) for _, rc in runs], res, keep, ctx, sharded=sn > 1)
+    done = {name: res[d] for d, name in by_dir.items()}
     v = localize_report(runs, done, out, spec, a.null, a.margin, extra)
     log(f"localize: {out / 'report.md'}\n{v['verdict']}")
     return 0

@@ -633,27 +633,77 @@ def check_lr_grid(d: Path, cfg: RunConfig, res: dict) -> None:
 
 def reselect(d: Path, cfg: RunConfig, meta: dict | None) -> bool:
     """An IPO edit selected before select_ipo's current rule, which would now train more (ipo.next_try: the rate
-    kept is too fast, and a rate below the grid or a lower rate with more patience is still to try; or the edit
-    kept spent its step budget and is to go on under a larger one): its edit, evaluation and results are removed,
-    the rates trained stay (ipo/lr*/), so that the run selects again and is evaluated again. True if so."""
+    kept is too fast, and a rate below the grid or a lower rate with more patience is still to try; the edit
+    kept spent its step budget and is to go on under a larger one; or it is above the full-model bound in
+    d/ipo/bound.json): its edit, evaluation and results are removed, the rates trained stay (ipo/lr*/), so that
+    the run selects again and is evaluated again. True if so."""
     import ipo
 
     sel = (meta or {}).get("selection")
-    nxt = ipo.next_try(sel, cfg.eval_every) if sel else None
+    bound = full_bound(d)
+    nxt = ipo.next_try(sel, cfg.eval_every, bound) if sel else None
     if not nxt:
         return False
-    g = sel["grid"][sel["chosen"]] if "chosen" in sel else next(g for g in sel["grid"] if g["lr"] == sel["chosen_lr"])
-    if nxt[2] > 1:
-        log(f"{d}: its edit (lr {g['lr']:g}{_patience(g)}) spent its step budget before the stopping rule "
-            f"fired; selecting again, with that training gone on to {nxt[2]}x the budget (the rates trained are kept)")
-    else:
-        log(f"{d}: its learning rate {g['lr']:g} kept its best validation at step {g['best_step']}, the end of the "
-            f"warm-up; selecting again, " + (f"with the lower rate {nxt[0]:g}" if nxt[1] == 1 else
-                                             f"with {nxt[0]:g} trained again at {nxt[1]}x the patience")
-            + " (the rates trained are kept)")
+    log(f"{d}: {nxt.why}; selecting again (the rates trained are kept)")
     for p in (d / "results.json", d / "eval_ipo.json", d / "eval_ipo.parts.json", d / "ipo" / "edit.safetensors"):
         p.unlink(missing_ok=True)
     return True
+
+
+FULL_BOUND_TOL = 0.01  # relative slack of the full-model bound (validation losses of stopped, not exact, optima)
+
+
+def full_bound(d: Path) -> float | None:
+    """The validation IPO loss the full-model edit of run directory d is to reach (full_model_bounds), if one was
+    set."""
+    p = d / "ipo" / "bound.json"
+    return json.loads(p.read_text())["val_loss"] if p.exists() else None
+
+
+def full_model_bounds(runs: list[tuple[str, RunConfig]], res: dict[str, dict]) -> dict[str, dict]:
+    """The full-model edits that a restriction of them beats on the validation pairs, by name, each with the
+    bound it is to reach. The edit at a head set is a restriction of the plain rank-1 LoRA on every layer (eq. 4.3
+    is eq. 4.1 with b^l = W^l b'^l), so at the optimum the full model's IPO loss is at most any head set's at the
+    same tau; runs of one seed share their validation pairs, so a full model whose best validation loss is above
+    a head set's by more than FULL_BOUND_TOL is stopped short of its optimum. Only validation pairs decide (the
+    test pairs stay for experiments.full_model_check)."""
+    ipo_runs = [(n, c) for n, c in runs if c.method == "ipo" and n in res and (res[n].get("ipo") or {}).get("val_loss")
+                is not None]
+    out = {}
+    for n, f in ipo_runs:
+        if not f.full_model:
+            continue
+        others = [(res[m]["ipo"]["val_loss"], m) for m, c in ipo_runs if not c.full_model and c.tau == f.tau
+                  and c.seed == f.seed and c.val_questions == f.val_questions]
+        if others and res[n]["ipo"]["val_loss"] > min(others)[0] * (1 + FULL_BOUND_TOL):
+            v, m = min(others)
+            out[n] = {"val_loss": v * (1 + FULL_BOUND_TOL), "edit": m, "edit_val_loss": v, "tol": FULL_BOUND_TOL}
+    return out
+
+
+def meet_full_model_bounds(runs: list[tuple[str, RunConfig]], res: dict[str, dict], out_root: Path,
+                           ctx: Context, sharded: bool = False) -> list[str]:
+    """Train again every full-model edit above its bound (full_model_bounds) as select_ipo's rule says
+    (ipo.next_try: each rate once more with more patience), evaluate it again, and update res. Returns the names
+    of the runs trained again. sharded: only say so (one of several shards must not train what another may)."""
+    import ipo
+
+    done, short = [], full_model_bounds(runs, res)
+    if sharded and short:
+        log(f"the full model stopped short of a head set's validation loss in {', '.join(short)}: run this command "
+            "once without --shard to train it on (what is drawn now has it as it is)")
+        return done
+    for n, b in short.items():
+        c = dict(runs)[n]
+        write_json(out_root / n / "ipo" / "bound.json", b)
+        log(f"{n}: best validation IPO loss {res[n]['ipo']['val_loss']:.4f}, above {b['edit']}'s "
+            f"{b['edit_val_loss']:.4f}: the full model stopped short of its optimum (it bounds every head set)")
+        if ipo.next_try(res[n]["ipo"]["selection"], c.eval_every, b["val_loss"]):
+            res[n] = run(c, out_root, n, ctx)  # selects again (reselect), training what next_try says
+            done.append(n)
+        else:
+            log(f"{n}: every learning rate was trained with more patience already; left as it is")
+    return done
 
 
 def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | None = None) -> dict:
@@ -736,7 +786,7 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
                                              seed=cfg.seed if cfg.train_seed is None else cfg.train_seed,
                                              scale=cfg.scale, stop=ipo.StopRule(cfg.eval_every, cfg.patience,
                                                                                 cfg.min_delta),
-                                             out_dir=d / "ipo", log=log)
+                                             out_dir=d / "ipo", log=log, bound=full_bound(d))
         timings["ipo_s"] = time.time() - t
     if cfg.method in ("iti", "both"):
         path = d / "iti" / "edit.safetensors"

@@ -588,3 +588,60 @@ def test_training_with_the_lower_layers_run_once_equals_a_plain_training(model, 
                               **kw)
     assert made == [1] and torch.equal(edit.a, plain.a) and torch.equal(edit.b, plain.b)
     assert [r["val_loss"] for r in m["curve"]] == [r["val_loss"] for r in pm["curve"]] and m["steps"] == 6
+
+
+def test_more_patience_goes_on_from_where_the_smaller_one_stopped(model, tmp_path):
+    """A converged training called again with a larger patience goes on from its last state and ends exactly where
+    a training given that patience from the start ends; a smaller patience or another rule is another run."""
+    tok, prompts = CharTokenizer(), Prompts()
+    kw = dict(tau=0.2, lr=0.05, epochs=10, batch_size=3, warmup=0, log=lambda s: None)
+    rule = dict(every=1, min_delta=0.02)
+    full, m_full = ipo.train_ipo(model, tok, PAIRS, PAIRS[:3], prompts, None, out_dir=tmp_path / "a",
+                                 stop=ipo.StopRule(patience=6, **rule), **kw)
+    short, m_short = ipo.train_ipo(model, tok, PAIRS, PAIRS[:3], prompts, None, out_dir=tmp_path / "b",
+                                   stop=ipo.StopRule(patience=1, **rule), **kw)
+    assert m_short["converged"] and m_short["steps"] < m_full["steps"]  # the smaller patience stopped earlier
+    logs = []
+    on, m_on = ipo.train_ipo(model, tok, PAIRS, PAIRS[:3], prompts, None, out_dir=tmp_path / "b",
+                             stop=ipo.StopRule(patience=6, **rule), **{**kw, "log": logs.append})
+    assert "patience 6, 1 when it was saved" in logs[0]
+    assert m_on["curve"] == m_full["curve"] and m_on["steps"] == m_full["steps"] and m_on["stop"] == m_full["stop"]
+    assert torch.equal(on.a, full.a) and torch.equal(on.b, full.b)
+    for other in (dict(patience=2, **rule), dict(patience=8, every=2, min_delta=0.02)):  # less patience; another rule
+        with pytest.raises(ValueError, match="different run"):
+            ipo.train_ipo(model, tok, PAIRS, PAIRS[:3], prompts, None, out_dir=tmp_path / "b",
+                          stop=ipo.StopRule(**other), **kw)
+
+
+def test_next_try_trains_each_rate_with_more_patience_while_above_the_bound():
+    grid = [{"lr": 1e-3, "val_loss": 0.70, "best_step": 90, "converged": True},
+            {"lr": 4e-3, "val_loss": 0.65, "best_step": 60, "converged": True}]
+    sel = {"chosen": 1, "chosen_lr": 4e-3, "grid": grid}
+    assert ipo.next_try(sel, 10) is None and ipo.next_try(sel, 10, bound=0.66) is None  # no bound, or below it
+    assert ipo.next_try(sel, 10, bound=0.6)[:3] == (1e-3, ipo.PATIENCE_UP, 1)  # the lowest rate first
+    grid.append({"lr": 1e-3, "val_loss": 0.62, "best_step": 300, "converged": True, "patience_factor": ipo.PATIENCE_UP})
+    sel = {"chosen": 2, "grid": grid}
+    nxt = ipo.next_try(sel, 10, bound=0.6)
+    assert nxt[:3] == (4e-3, ipo.PATIENCE_UP, 1) and "above 0.6000" in nxt.why  # still above: the next rate
+    grid.append({"lr": 4e-3, "val_loss": 0.64, "best_step": 200, "converged": True, "patience_factor": ipo.PATIENCE_UP})
+    assert ipo.next_try(sel, 10, bound=0.6) is None  # every rate tried with more patience: left as it is
+    grid[2].update(converged=False)  # the edit kept spent its budget: that first, as without a bound
+    assert ipo.next_try(sel, 10, bound=0.6)[:3] == (1e-3, ipo.PATIENCE_UP, ipo.BUDGET_UP)
+
+
+def test_select_ipo_goes_on_with_more_patience_toward_a_bound(model, tmp_path):
+    """select_ipo with a bound its edit does not reach: the rates again with more patience, each going on from its
+    first training's last state (the copied checkpoint), the bound recorded in the selection."""
+    tok, prompts = CharTokenizer(), Prompts()
+    logs = []
+    _, m = ipo.select_ipo(model, tok, PAIRS, PAIRS[:3], prompts, None, lrs=[1e-3, 0.01], tau=0.2, epochs=10,
+                          batch_size=3, warmup=0, out_dir=tmp_path, log=logs.append, bound=1e-6,
+                          stop=ipo.StopRule(every=1, patience=1, min_delta=0.02))
+    grid = m["selection"]["grid"]
+    assert [(g["lr"], g["patience_factor"]) for g in grid] == [(1e-3, 1), (0.01, 1), (1e-3, 4), (0.01, 4)]
+    assert m["selection"]["bound"] == 1e-6 and sum("the full-model bound" in x for x in logs) == 2
+    assert sum("patience 4, 1 when it was saved" in x for x in logs) == 2  # each went on from the first training
+    for lr in ("0.001", "0.01"):
+        assert (tmp_path / f"lr{lr}-p4" / "ckpt.pt").exists()
+    first, again = grid[1], grid[3]
+    assert again["curve"][:len(first["curve"])] == first["curve"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -561,3 +562,49 @@ def test_the_verbatim_rule_is_part_of_the_judges_identity():
     assert run.judge_ids(ctx) == [["abc", "then", judge.VERBATIM], ["abc", "then"]]
     ev = {"judges": run.judge_ids(old), "per_question": {"repetitive": []}, "pairs": []}
     assert run.stale(ctx, ev) == ["judges"] and run.stale(old, ev) == []
+
+
+def test_a_full_model_short_of_a_head_sets_validation_loss_is_trained_on(tmp_path, tiny_model, stub_judges,
+                                                                          monkeypatch, capsys):
+    """run.full_model_bounds / meet_full_model_bounds: a full-model edit whose best validation loss is above a head
+    set's (same tau and validation pairs; beyond FULL_BOUND_TOL) is trained again with more patience and evaluated
+    again, its bound kept; once every rate was, it is left as it is; a shard only says so."""
+    monkeypatch.setenv("EDITLOC_CACHE", str(tmp_path / "cache"))
+    import judge
+
+    monkeypatch.setattr(judge, "BACKBONE", str(tiny_model))
+    kl_text = tmp_path / "neutral.txt"
+    kl_text.write_text("The bakery opens at seven and sells bread.\n")
+    base = run.RunConfig(model=str(tiny_model), data=str(tiny_data(tmp_path)), max_pairs=8, dtype="fp32",
+                         kl_text=str(kl_text), lr=[0.3], epochs=30, eval_every=2, patience=1, n_test=3)
+    runs = [("full", replace(base, heads="full")), ("heads", replace(base, heads="random2")),
+            ("heads-t0.3", replace(base, heads="random2", tau=0.3))]
+    out, ctx = tmp_path / "runs", run.Context(base)
+    res = {n: run.run(c, out, n, ctx) for n, c in runs}
+    v = res["full"]["ipo"]["val_loss"]
+    res["heads-t0.3"]["ipo"]["val_loss"] = v / 10  # another tau: no bound
+    res["heads"]["ipo"]["val_loss"] = v / (1 + run.FULL_BOUND_TOL / 2)  # within the slack: no bound
+    assert run.full_model_bounds(runs, res) == {}
+    res["heads"]["ipo"]["val_loss"] = v / 2
+    b = run.full_model_bounds(runs, res)
+    assert list(b) == ["full"] and b["full"]["val_loss"] == pytest.approx(v / 2 * (1 + run.FULL_BOUND_TOL))
+    assert run.meet_full_model_bounds(runs, res, out, ctx, sharded=True) == []  # a shard trains nothing
+    assert "without --shard" in capsys.readouterr().err and not (out / "full" / "ipo" / "bound.json").exists()
+
+    patient = lambda sel: {g["lr"] for g in sel["grid"] if g["patience_factor"] > 1}
+    before = res["full"]["ipo"]["selection"]
+    assert patient(before) != {g["lr"] for g in before["grid"]}  # a rate not yet trained with more patience
+    assert run.meet_full_model_bounds(runs, res, out, ctx) == ["full"]
+    sel = res["full"]["ipo"]["selection"]  # the bound is out of reach: every rate trained on with more patience
+    assert patient(sel) == {g["lr"] for g in sel["grid"]} and ipo.next_try(sel, 2, sel["bound"]) is None
+    assert sel["bound"] == b["full"]["val_loss"] and run.full_bound(out / "full") == sel["bound"]
+    assert json.loads((out / "full" / "results.json").read_text())["ipo"]["selection"]["bound"] == sel["bound"]
+    assert "(the full-model bound)" in capsys.readouterr().err and (out / "full" / "eval_ipo.json").exists()
+
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(ipo, "select_ipo", boom)
+    res["heads"]["ipo"]["val_loss"] = min(res["full"]["ipo"]["val_loss"], v) / 2  # still above: every rate was tried
+    assert run.meet_full_model_bounds(runs, res, out, ctx) == []
+    assert "left as it is" in capsys.readouterr().err
