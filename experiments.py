@@ -29,8 +29,8 @@ import torch
 import ipo
 import stats
 from llama import write_file_atomic
-from run import (FULL_BOUND_TOL, METRICS, PROBE_LAYOUT_TEXT, DTYPE_HELP, Context, RunConfig, UserError, log,
-                 meet_full_model_bounds, resolve_dtype, run, write_atomic, write_json)
+from run import (FULL_BOUND_TOL, METRICS, PROBE_LAYOUT_TEXT, DTYPE_HELP, Context, RunConfig, UserError, bound_before,
+                 log, meet_full_model_bounds, resolve_dtype, run, write_atomic, write_json)
 
 EXPERIMENTS = {
     "iti-localized-vs-random": "Fig. 1: ITI at probe16 vs random 16-head sets over an alpha sweep",
@@ -81,7 +81,8 @@ def experiment_runs(name: str, base: RunConfig, size: dict, dims: tuple[int, int
                     ) -> list[tuple[str, RunConfig]]:
     """The runs an experiment needs, as (run name, config), in the order they are done: the key edits (full
     model, probe16) at the first tau, the other edits, the key edits' extra training seeds, their other taus (in
-    Fig. 2, whose curves they are, with every seed too, for the seed variance at each tau).
+    Fig. 2, whose curves they are, with every seed too, for the seed variance at each tau); the full model's
+    last, so that each trains knowing the validation loss the head sets reached (run.bound_before).
     Runs are shared between experiments by name. dims: (layers, heads) of the model, for the single heads."""
     if name not in EXPERIMENTS:
         raise UserError(f"experiment {name!r}: expected one of {', '.join(EXPERIMENTS)}")
@@ -104,17 +105,20 @@ def experiment_runs(name: str, base: RunConfig, size: dict, dims: tuple[int, int
     def iti_runs(cs):
         return [(f"{c.slug()}-a{alpha:g}", replace(c, alpha=alpha)) for c in cs for alpha in size["alphas"]]
 
+    def full_last(rs):
+        return [r for r in rs if not r[1].full_model] + [r for r in rs if r[1].full_model]
+
     if name == "iti-localized-vs-random":
         return iti_runs([replace(c, method="iti") for c in [probe16] + rand])
     if name == "ipo-vs-iti":
-        return key_runs([full, probe16], [], curves=True) + iti_runs([replace(probe16, method="iti")])
+        return full_last(key_runs([full, probe16], [], curves=True) + iti_runs([replace(probe16, method="iti")]))
     if name in ("ipo-random", "mc"):
-        return key_runs([full, probe16], rand)
+        return full_last(key_runs([full, probe16], rand))
     # single-heads: without replacement, none in the random sets of this size
     L, H = dims
     exclude = {h for i in range(size["n_random"]) for h in random_set(i + 1, L, H)}
     singles = [replace(b, heads=f"single:{l}.{h}") for l, h in single_heads(size["n_single"], L, H, exclude)]
-    return key_runs([full, probe16], singles)
+    return full_last(key_runs([full, probe16], singles))
 
 
 def glue_dash_values(argv: list[str], flags) -> list[str]:
@@ -175,6 +179,7 @@ def cmd_experiment(argv: list[str]) -> int:
     log(f"experiment {a.name} ({size_name}): {len(runs)} runs, shard {i}/{n} does {len(mine)}")
     for k, (rname, c) in enumerate(mine):
         log(f"--- run {k + 1}/{len(mine)}: {rname}")
+        bound_before(runs, out, rname)
         run(c, out, rname, ctx)
     finished = {r: json.loads((out / r / "results.json").read_text())
                 for r, _ in runs if (out / r / "results.json").exists()}

@@ -32,7 +32,8 @@ import torch
 
 import stats
 from llama import write_file_atomic
-from run import METRICS, Context, RunConfig, UserError, log, meet_full_model_bounds, run, write_atomic, write_json
+from run import (METRICS, Context, RunConfig, UserError, bound_before, log, meet_full_model_bounds, run, write_atomic,
+                 write_json)
 
 NULLS = ("random", "layer-matched", "complement")
 GRAD_PAIRS = 64  # training pairs whose IPO gradient ranks the heads for gradK
@@ -106,8 +107,9 @@ def localize_runs(base: RunConfig, cand: list[tuple[int, int]], nulls: list[list
     nul = [replace(b, heads=f"random{len(s)}", head_seed=i + 1) if null == "random" else replace(b, heads=head_str(s))
            for i, s in enumerate(nulls)]
     key = [("candidate", replace(b, heads=cand_spec or head_str(cand))), ("full", replace(b, heads="full"))]
-    return ([key[0]] + [(f"{null}-{i + 1}", c) for i, c in enumerate(nul)] + [key[1]]
-            + [(f"{role} r{j}", replace(c, train_seed=base.seed + j)) for j in range(1, train_seeds) for role, c in key])
+    seeds = lambda role, c: [(f"{role} r{j}", replace(c, train_seed=base.seed + j)) for j in range(1, train_seeds)]
+    return ([key[0]] + [(f"{null}-{i + 1}", c) for i, c in enumerate(nul)] + seeds(*key[0])  # the full model last:
+            + [key[1]] + seeds(*key[1]))  # it trains knowing the head sets' validation loss (run.bound_before)
 
 
 def role(name: str) -> str:
@@ -318,6 +320,7 @@ def cmd_localize(argv: list[str]) -> int:
         hs = rc.heads if len(rc.heads) < 60 else f"{rc.heads.count(',') + 1} heads"
         log(f"--- edit {k_ + 1}/{len(mine)}: {name} ({hs}"
             + (f", head seed {rc.head_seed})" if rc.heads.startswith("random") else ")"))
+        bound_before([(r.slug(), r) for _, r in runs], keep, rc.slug())
         run(rc, keep, rc.slug(), ctx)
     done = {name: json.loads((keep / rc.slug() / "results.json").read_text()) for name, rc in runs
             if (keep / rc.slug() / "results.json").exists()}

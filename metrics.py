@@ -356,34 +356,3 @@ def bootstrap_ci_ratio(num: Sequence[float], den: Sequence[float], n: int = 2000
     stats = a[idx].sum(1) / b[idx].sum(1)  # [n]
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return float(lo), float(hi)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark (bench.py calls this)
-
-
-def bench_metrics(n_questions: int = 16) -> dict:
-    """Speed of each metric on the default model (bf16): MC (questions/s), generation (answers/s, 50 tokens
-    at most), KL/CE (texts/s)."""
-    import json
-    import time
-
-    from tokenizer import Tokenizer
-    from truthfulqa import load_prompts, load_questions
-
-    model = Llama.from_pretrained("smollm2-135m", dtype="bf16")
-    tok = Tokenizer.from_pretrained("smollm2-135m")
-    prompts, qs = load_prompts(), load_questions()[:n_questions]
-    out = {}
-    t = time.time()
-    mc = mc_scores(model, tok, prompts, qs, progress=False)
-    out["mc_questions_per_s"] = len(qs) / (time.time() - t)
-    t = time.time()
-    generate_answers(model, tok, prompts, qs, progress=False)
-    out["generate_answers_per_s"] = len(qs) / (time.time() - t)
-    t = time.time()
-    kl = kl_ce(model, tok, qa_texts(qs), progress=False)
-    out["kl_texts_per_s"] = len(qs) / (time.time() - t)
-    out.update(mc1=mc["mc1"], mc2=mc["mc2"], ce=kl["ce"], threads=torch.get_num_threads())
-    print(json.dumps(out))
-    return out

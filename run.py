@@ -661,24 +661,39 @@ def full_bound(d: Path) -> float | None:
 
 
 def full_model_bounds(runs: list[tuple[str, RunConfig]], res: dict[str, dict]) -> dict[str, dict]:
-    """The full-model edits that a restriction of them beats on the validation pairs, by name, each with the
-    bound it is to reach. The edit at a head set is a restriction of the plain rank-1 LoRA on every layer (eq. 4.3
-    is eq. 4.1 with b^l = W^l b'^l), so at the optimum the full model's IPO loss is at most any head set's at the
-    same tau; runs of one seed share their validation pairs, so a full model whose best validation loss is above
-    a head set's by more than FULL_BOUND_TOL is stopped short of its optimum. Only validation pairs decide (the
-    test pairs stay for experiments.full_model_check)."""
-    ipo_runs = [(n, c) for n, c in runs if c.method == "ipo" and n in res and (res[n].get("ipo") or {}).get("val_loss")
-                is not None]
+    """The full-model edits, by name, that a restriction of them beats on the validation pairs (or would: those not
+    trained yet, where a head set is), each with the bound it is to reach. The edit at a head set is a restriction
+    of the plain rank-1 LoRA on every layer (eq. 4.3 is eq. 4.1 with b^l = W^l b'^l), so at the optimum the full
+    model's IPO loss is at most any head set's at the same tau; runs of one seed share their validation pairs, so
+    a full model whose best validation loss is above a head set's by more than FULL_BOUND_TOL stopped short of its
+    optimum. Only validation pairs decide (the test pairs stay for experiments.full_model_check)."""
+    val = lambda n: (res[n].get("ipo") or {}).get("val_loss") if n in res else None
     out = {}
-    for n, f in ipo_runs:
-        if not f.full_model:
+    for n, f in runs:
+        if f.method != "ipo" or not f.full_model:
             continue
-        others = [(res[m]["ipo"]["val_loss"], m) for m, c in ipo_runs if not c.full_model and c.tau == f.tau
-                  and c.seed == f.seed and c.val_questions == f.val_questions]
-        if others and res[n]["ipo"]["val_loss"] > min(others)[0] * (1 + FULL_BOUND_TOL):
+        others = [(val(m), m) for m, c in runs if c.method == "ipo" and not c.full_model and val(m) is not None
+                  and c.tau == f.tau and c.seed == f.seed and c.val_questions == f.val_questions]
+        if others and (n not in res or val(n) > min(others)[0] * (1 + FULL_BOUND_TOL)):
             v, m = min(others)
             out[n] = {"val_loss": v * (1 + FULL_BOUND_TOL), "edit": m, "edit_val_loss": v, "tol": FULL_BOUND_TOL}
     return out
+
+
+def bound_before(runs: list[tuple[str, RunConfig]], out_root: Path, name: str) -> None:
+    """Before run `name` (in out_root/name) is done: when it is a full-model edit that a finished head set's
+    validation loss bounds (full_model_bounds), write the bound where its training reads it (ipo/bound.json), so
+    that it trains on toward it at once (no evaluation to do again). Experiments do the full model last for this."""
+    c = dict(runs)[name]
+    if c.method != "ipo" or not c.full_model:
+        return
+    res = {n: json.loads((out_root / n / "results.json").read_text()) for n, _ in runs
+           if (out_root / n / "results.json").exists()}
+    b = full_model_bounds(runs, res).get(name)
+    if b:
+        write_json(out_root / name / "ipo" / "bound.json", b)
+        log(f"{name}: the full model is to reach {b['edit']}'s validation IPO loss {b['edit_val_loss']:.4f} (it "
+            "bounds every head set)")
 
 
 def meet_full_model_bounds(runs: list[tuple[str, RunConfig]], res: dict[str, dict], out_root: Path,
@@ -688,7 +703,8 @@ def meet_full_model_bounds(runs: list[tuple[str, RunConfig]], res: dict[str, dic
     of the runs trained again. sharded: only say so (one of several shards must not train what another may)."""
     import ipo
 
-    done, short = [], full_model_bounds(runs, res)
+    done = []
+    short = {n: b for n, b in full_model_bounds(runs, res).items() if n in res}  # the trained ones
     if sharded and short:
         log(f"the full model stopped short of a head set's validation loss in {', '.join(short)}: run this command "
             "once without --shard to train it on (what is drawn now has it as it is)")

@@ -51,6 +51,8 @@ def test_experiment_runs(name, size):
     runs = ex.experiment_runs(name, run.RunConfig(), s)
     assert len({r for r, _ in runs}) == len(runs) and all(c.lr_factors == list(s["lr_factors"]) for _, c in runs)
     ipo_runs = [c for _, c in runs if c.method == "ipo"]
+    full = [c.full_model for _, c in runs]
+    assert full == sorted(full)  # the full model last: it trains knowing the head sets' validation loss
     if ipo_runs:  # the full-model bound at every tau; key edits at each extra training seed
         assert {c.tau for c in ipo_runs if c.heads == "full"} == set(s["key_taus"] if name == "ipo-vs-iti" else s["taus"])
         assert {c.train_seed for c in ipo_runs if c.heads == "full"} == {None, *s["train_seeds"]}

@@ -43,7 +43,7 @@ def test_localize_shares_the_edits_of_an_experiment():
     exp = dict(experiments.experiment_runs("ipo-random", replace(base, heads="random16"), experiments.SIZES["default"]))
     cand = experiments.random_set(99, 30, 9)  # stands for probe16's heads: only the spec enters the config
     runs = lz.localize_runs(base, cand, lz.null_sets(cand, "random", 4, 30, 9), "random", "probe16", train_seeds=2)
-    assert len(runs) == 8 and [r for r, _ in runs][-2:] == ["candidate r1", "full r1"]
+    assert len(runs) == 8 and [r for r, _ in runs][-3:] == ["candidate r1", "full", "full r1"]  # the full model last
     for role, c in runs:  # the second training seeds too are the experiment's
         assert c.slug() in exp and exp[c.slug()].training_dict() == c.training_dict(), role
 

@@ -601,6 +601,23 @@ def test_a_full_model_short_of_a_head_sets_validation_loss_is_trained_on(tmp_pat
     assert json.loads((out / "full" / "results.json").read_text())["ipo"]["selection"]["bound"] == sel["bound"]
     assert "(the full-model bound)" in capsys.readouterr().err and (out / "full" / "eval_ipo.json").exists()
 
+    # a full model not trained yet is given the bound before it trains (run.bound_before): it trains on toward it
+    # at once, and is evaluated once
+    runs2 = runs + [("full-b", runs[0][1])]
+    on_disk = json.loads((out / "heads" / "results.json").read_text())
+    on_disk["ipo"]["val_loss"] = v / 2
+    (out / "heads" / "results.json").write_text(json.dumps(on_disk))
+    run.bound_before(runs2, out, "heads")  # not a full model
+    assert not (out / "heads" / "ipo" / "bound.json").exists()
+    run.bound_before(runs2, out, "full-b")
+    assert run.full_bound(out / "full-b") == pytest.approx(v / 2 * (1 + run.FULL_BOUND_TOL))
+    evals, real_evaluate = [], run.evaluate
+    monkeypatch.setattr(run, "evaluate", lambda ctx, edit, label, *a: evals.append(label) or real_evaluate(
+        ctx, edit, label, *a))
+    r = run.run(runs[0][1], out, "full-b", ctx)["ipo"]["selection"]
+    assert evals == ["ipo"] and r["bound"] == run.full_bound(out / "full-b")
+    assert patient(r) == {g["lr"] for g in r["grid"]}
+
     def boom(*a, **k):
         raise AssertionError("trained again")
 
