@@ -579,8 +579,8 @@ class Try(NamedTuple):
 
 def next_try(selection: dict, every: int, bound: float | None = None) -> Try | None:
     """What select_ipo trains next (a Try: learning rate, patience factor, budget factor, and why, in words), or
-    None when the selection is final. When the edit kept is too fast (its best validation came no later than one validation, every `every`
-    steps, after the warm-up: the loss rose as soon as the rate was full):
+    None when the selection is final. When the edit kept is too fast (its best validation came no later than one
+    validation, every `every` steps, after the warm-up: the loss rose as soon as the rate was full):
     - when it is the lowest rate tried, a rate LR_DOWN times lower, up to LR_DOWN_MAX rates below the grid: a
       grid's edge is no optimum. (At tau 0.5 the target margin 1/(2 tau) is five times nearer than at 0.1, and
       an AdamW step's size does not shrink with it.)
@@ -751,7 +751,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
         diff = sorted(k for k in run if st["run"].get(k) != run[k])
         was = st["run"]["stop"]  # [every, patience, min_delta]
         patient = "stop" in diff and was[0::2] == run["stop"][0::2] and run["stop"][1] > was[1]
-        if diff and not set(diff) <= {"epochs", "stop"} or "stop" in diff and not patient:
+        if (diff and not set(diff) <= {"epochs", "stop"}) or ("stop" in diff and not patient):
             raise ValueError(f"{ckpt}: checkpoint of a different run (differs in {diff}); "
                              "use another out_dir or delete it")
         # the same training under another step budget: the pair order of each epoch and the constant rate after the
@@ -759,7 +759,7 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
         # budget from the start (when the smaller budget is a multiple of stop.every; else it has one validation
         # more, at the smaller budget)
         longer = "epochs" in diff and epochs > st["run"]["epochs"]
-        if "epochs" in diff and not longer:  # it went on under a larger budget already: that training, as far as it went
+        if "epochs" in diff and not longer:  # it went on under a larger budget already: that training, so far
             epochs = run["epochs"] = st["run"]["epochs"]
             budget = epochs * per_epoch
             stop_at = budget if max_steps is None else min(budget, max_steps)
