@@ -668,12 +668,13 @@ def full_model_bounds(runs: list[tuple[str, RunConfig]], res: dict[str, dict]) -
     a full model whose best validation loss is above a head set's by more than FULL_BOUND_TOL stopped short of its
     optimum. Only validation pairs decide (the test pairs stay for experiments.full_model_check)."""
     val = lambda n: (res[n].get("ipo") or {}).get("val_loss") if n in res else None
+    same = lambda c: (c.tau, c.seed, c.val_questions, c.data, c.version, c.pairs, c.pairs_format, c.model, c.dtype)
     out = {}
     for n, f in runs:
         if f.method != "ipo" or not f.full_model:
             continue
         others = [(val(m), m) for m, c in runs if c.method == "ipo" and not c.full_model and val(m) is not None
-                  and c.tau == f.tau and c.seed == f.seed and c.val_questions == f.val_questions]
+                  and same(c) == same(f)]  # the same loss on the same validation pairs
         if others and (n not in res or val(n) > min(others)[0] * (1 + FULL_BOUND_TOL)):
             v, m = min(others)
             out[n] = {"val_loss": v * (1 + FULL_BOUND_TOL), "edit": m, "edit_val_loss": v, "tol": FULL_BOUND_TOL}

@@ -585,6 +585,8 @@ def test_a_full_model_short_of_a_head_sets_validation_loss_is_trained_on(tmp_pat
     res["heads-t0.3"]["ipo"]["val_loss"] = v / 10  # another tau: no bound
     res["heads"]["ipo"]["val_loss"] = v / (1 + run.FULL_BOUND_TOL / 2)  # within the slack: no bound
     assert run.full_model_bounds(runs, res) == {}
+    res["heads-bf16"] = {"ipo": {"val_loss": v / 10}}  # another dtype: other losses, no bound
+    assert run.full_model_bounds(runs + [("heads-bf16", replace(base, heads="random2", dtype="bf16"))], res) == {}
     res["heads"]["ipo"]["val_loss"] = v / 2
     b = run.full_model_bounds(runs, res)
     assert list(b) == ["full"] and b["full"]["val_loss"] == pytest.approx(v / 2 * (1 + run.FULL_BOUND_TOL))
