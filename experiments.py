@@ -657,11 +657,11 @@ def experiment_report(name: str, runs, res: dict, d: Path, margin: float = stats
                      "read as 'as good as the full model'.\n\n" + "\n".join(f"- {x}" for x in check)), ""]
         on = [r for r in rows if r["bound"] is not None]
         if on:
-            lines += ["Trained on because a head set's validation loss was lower (run.full_model_bounds): its "
-                      f"learning rates again with {ipo.PATIENCE_UP}x the patience, the lowest first, until one "
-                      "reached the bound or none was left: " + "; ".join(
-                          f"{r['run']} (best validation loss {r['val_loss']:.3f}, bound {r['bound']:.3f})"
-                          for r in on) + ".", ""]
+            lines += ["Full-model edits given a head set's validation loss as a bound (run.full_model_bounds; while "
+                      f"above it, its learning rates trained again with {ipo.PATIENCE_UP}x the patience, the lowest "
+                      "first, until none was left): " + "; ".join(
+                          f"{r['run']} (best validation loss {r['val_loss']:.3f}, bound {r['bound']:.3f}: "
+                          + ("met" if r["val_loss"] <= r["bound"] else "still above") + ")" for r in on) + ".", ""]
         lines += ["| full | edit | tau | val loss full / edit | held-out IPO loss full / edit | full - edit [95%] | "
                   "p (Holm) |", "|---" * 7 + "|"]
         for c in comps:

@@ -215,12 +215,17 @@ def test_full_model_check_tests_the_heldout_loss_not_the_validation_minimum(tmp_
     t = json.loads((tmp_path / "y" / "table.json").read_text())
     assert t["full_model_check"] == [] and "It holds for every edit." in text
     assert all(c["diff"] < 0 for c in t["full_model_comparisons"]) and "| 25.000 / 20.000 |" in text
-    assert "Trained on because" not in text
-    for r, c in runs:  # the full model trained on toward a head set's validation loss (run.full_model_bounds)
+    assert "as a bound" not in text
+    for r, c in runs:  # the full model given a head set's validation loss as a bound (run.full_model_bounds)
         if c.heads == "full":
             res[r]["ipo"]["selection"] = {"bound": 20.2}
     text = ex.experiment_report("ipo-random", runs, res, tmp_path / "y").read_text()
-    assert "Trained on because a head set's validation loss was lower" in text and "bound 20.200" in text
+    assert "given a head set's validation loss as a bound" in text and "(best validation loss 25.000, bound 20.200: " \
+        "still above)" in text
+    for r, c in runs:
+        if c.heads == "full":
+            res[r]["ipo"]["selection"] = {"bound": 26.0}
+    assert "bound 26.000: met)" in ex.experiment_report("ipo-random", runs, res, tmp_path / "y").read_text()
 
 
 def test_better_than_averages_each_edit_over_its_training_seeds():
