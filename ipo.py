@@ -577,6 +577,14 @@ class Try(NamedTuple):
     why: str
 
 
+def patience_note(g: dict) -> str:
+    """How a learning rate's entry in the selection is told apart when it was trained again with more patience, or
+    went on under a larger step budget."""
+    more = ([f"{g['patience_factor']}x patience"] if g.get("patience_factor", 1) > 1 else []) + (
+        [f"{g['budget_factor']}x budget"] if g.get("budget_factor", 1) > 1 else [])
+    return f" ({', '.join(more)})" if more else ""
+
+
 def next_try(selection: dict, every: int, bound: float | None = None) -> Try | None:
     """What select_ipo trains next (a Try: learning rate, patience factor, budget factor, and why, in words), or
     None when the selection is final. When the edit kept is too fast (its best validation came no later than one
@@ -597,8 +605,7 @@ def next_try(selection: dict, every: int, bound: float | None = None) -> Try | N
     grid = selection["grid"]
     chosen = grid[selection["chosen"]] if "chosen" in selection else next(
         g for g in grid if g["lr"] == selection["chosen_lr"])
-    kept = f"lr {chosen['lr']:g}" + (f" ({chosen['patience_factor']}x patience)"
-                                     if chosen.get("patience_factor", 1) > 1 else "")
+    kept = f"lr {chosen['lr']:g}{patience_note(chosen)}"
     retried = {g["lr"] for g in grid if g.get("patience_factor", 1) > 1}
     if too_fast(chosen, every):
         why = (f"{kept} kept its best validation at step {chosen['best_step']}, the end of the "

@@ -873,21 +873,16 @@ def versions(ctx: Context) -> dict:
             "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 
-def _patience(g: dict) -> str:
-    """How a learning rate's entry in the selection is told apart when it was trained again with more patience, or
-    went on under a larger step budget."""
-    more = ([f"{g['patience_factor']}x patience"] if g.get("patience_factor", 1) > 1 else []) + (
-        [f"{g['budget_factor']}x budget"] if g.get("budget_factor", 1) > 1 else [])
-    return f" ({', '.join(more)})" if more else ""
-
-
 def ipo_status(i: dict | None) -> str:
     """One line on an IPO edit's training: converged or not, steps, the chosen learning rate, validation."""
+    import ipo
+
     if not i:
         return ""
     conv = "converged" if i.get("converged") else "NOT CONVERGED (step budget spent)"
     sel = i.get("selection", {})
-    grid = ", ".join(f"{g['lr']:g}{_patience(g)}: {g['val_loss']:.4f}{'' if g['converged'] else ' (not converged)'}"
+    grid = ", ".join(f"{g['lr']:g}{ipo.patience_note(g)}: {g['val_loss']:.4f}"
+                     f"{'' if g['converged'] else ' (not converged)'}"
                      for g in sel.get("grid", []))
     return (f"IPO {conv}: best validation loss {i['val_loss']:.4f} at step {i['best_step']} of {i['steps']} "
             f"(budget {i['budget']}), margin {i['val_margin']:+.3f}, preference accuracy {i['val_acc']:.3f}; "
@@ -1100,6 +1095,8 @@ def report(res: dict, d: Path, acc: torch.Tensor) -> str:
 
 
 def pictures(res: dict, d: Path) -> list[str]:
+    import ipo
+
     try:
         import matplotlib
 
@@ -1127,7 +1124,7 @@ def pictures(res: dict, d: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for g in grid:
             st, vl = zip(*g["curve"])
-            ax.plot(st, vl, marker=".", label=f"lr {g['lr']:g}{_patience(g)}" + ("" if g["converged"] else
+            ax.plot(st, vl, marker=".", label=f"lr {g['lr']:g}{ipo.patience_note(g)}" + ("" if g["converged"] else
                                                                                    " (not converged)"))
             ax.scatter([g["best_step"]], [g["val_loss"]], s=80, facecolors="none", edgecolors="k")
         ax.set(xlabel="training step", ylabel="validation IPO loss",

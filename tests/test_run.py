@@ -527,7 +527,7 @@ def test_a_run_whose_rate_was_too_fast_is_selected_again(tmp_path):
         f.write_text("x")
     again = grid + [{**grid[0], "patience_factor": ipo.PATIENCE_UP}]
     assert not run.reselect(d, cfg, {"selection": {"chosen_lr": 6.4e-3, "chosen": 1, "grid": again}})
-    assert run._patience(again[-1]) == " (4x patience)" and run._patience(grid[0]) == ""  # told apart in the report
+    assert ipo.patience_note(again[-1]) == " (4x patience)" and ipo.patience_note(grid[0]) == ""  # told apart in the report
     # the edit kept spent its step budget (not converged): selected again, to go on under a larger budget, once
     for f in files:
         f.write_text("x")
@@ -538,7 +538,7 @@ def test_a_run_whose_rate_was_too_fast_is_selected_again(tmp_path):
         f.write_text("x")
     cut[-1]["budget_factor"] = ipo.BUDGET_UP
     assert not run.reselect(d, cfg, {"selection": {"chosen_lr": 1.6e-3, "chosen": 2, "grid": cut}})
-    assert run._patience(cut[-1]) == f" ({ipo.PATIENCE_UP}x patience, {ipo.BUDGET_UP}x budget)"
+    assert ipo.patience_note(cut[-1]) == f" ({ipo.PATIENCE_UP}x patience, {ipo.BUDGET_UP}x budget)"
     # a rate trained again with more patience is not a rate of the grid
     run.check_lr_grid(d, cfg, {"heads": ["1.1"], "ipo": {"selection": {"grid": [
         {"lr": lr, "below_grid": False, "patience_factor": f} for lr, f in
