@@ -29,8 +29,8 @@ import torch
 import ipo
 import stats
 from llama import write_file_atomic
-from run import (FULL_BOUND_TOL, METRICS, PROBE_LAYOUT_TEXT, DTYPE_HELP, Context, RunConfig, UserError, bound_before,
-                 log, meet_full_model_bounds, resolve_dtype, run, write_atomic, write_json)
+from run import (FULL_BOUND_TOL, JOBS_HELP, METRICS, PROBE_LAYOUT_TEXT, DTYPE_HELP, Context, RunConfig, UserError,
+                 _pos_int, do_runs, log, meet_full_model_bounds, resolve_dtype, strip_flags, write_atomic, write_json)
 
 EXPERIMENTS = {
     "iti-localized-vs-random": "Fig. 1: ITI at probe16 vs random 16-head sets over an alpha sweep",
@@ -142,6 +142,8 @@ def cmd_experiment(argv: list[str]) -> int:
                         "runs named)")
     p.add_argument("--margin", type=float, default=stats.MARGIN,
                    help=f"equivalence margin in Truth*Info of 'as good as' (default {stats.MARGIN:g})")
+    p.add_argument("--jobs", type=_pos_int, default=1, help=JOBS_HELP)
+    p.add_argument("--only", default=None, metavar="RUN", help="do only this run of the experiment (by name; no report)")
     p.add_argument("--model", default=RunConfig.model)
     p.add_argument("--data", default=None)
     p.add_argument("--pairs", default=None, metavar="FILE",
@@ -175,12 +177,17 @@ def cmd_experiment(argv: list[str]) -> int:
     ctx = Context(base)
     runs = experiment_runs(a.name, base, size, (ctx.model.cfg.n_layers, ctx.model.cfg.n_heads))
     out = Path(a.out) / f"exp-{size_name}"
+    if a.only is not None:
+        mine = [r for r in runs if r[0] == a.only]
+        if not mine:
+            raise UserError(f"--only {a.only!r}: not a run of {a.name} ({size_name}); its runs: "
+                            + ", ".join(r for r, _ in runs))
+        do_runs(runs, mine, out, ctx)
+        return 0
     mine = [] if a.partial else [r for k, r in enumerate(runs) if k % n == i]
     log(f"experiment {a.name} ({size_name}): {len(runs)} runs, shard {i}/{n} does {len(mine)}")
-    for k, (rname, c) in enumerate(mine):
-        log(f"--- run {k + 1}/{len(mine)}: {rname}")
-        bound_before(runs, out, rname)
-        run(c, out, rname, ctx)
+    do_runs(runs, mine, out, ctx, a.jobs, strip_flags(["experiment"] + argv, ("--jobs", "--shard", "--dtype"))
+            + ["--dtype", base.dtype])
     finished = {r: json.loads((out / r / "results.json").read_text())
                 for r, _ in runs if (out / r / "results.json").exists()}
     missing = [r for r, _ in runs if r not in finished]

@@ -670,26 +670,26 @@ def _model_id(model: Llama) -> list:
 
 
 def reference_logprobs(model: Llama, data: dict[str, PairData], average: bool, out_dir: Path) -> dict:
-    """Reference log-probs [n, 2] per split, computed once with the edit off and cached in out_dir."""
+    """Reference log-probs [n, 2] per split, computed once with the edit off and kept in out_dir under a name
+    made of everything they depend on (the model, the pairs, and on CPU the thread count: bf16 sums in another
+    order with another), so that every run on the same pairs shares one file."""
     from safetensors.torch import load_file, save_file
 
-    key = _fingerprint(_model_id(model), average,
+    threads = torch.get_num_threads() if model.device.type == "cpu" else None
+    key = _fingerprint(_model_id(model), average, threads,
                        {k: [d.prefix, d.prompts, d.chosen, d.rejected] for k, d in data.items()})
-    path = out_dir / "ref_logprobs.safetensors"
+    path = out_dir / f"ref_logprobs-{key}.safetensors"
     if path.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return load_file(str(path))
+        return load_file(str(path))
+    part = lambda k: out_dir / f"ref_logprobs-{key}.{k}.partial.safetensors"
     ref = {k: pair_logprobs(model, d, None, average, progress=f"reference log-probs ({k})" if len(d) > 200 else None,
-                            partial=(out_dir / f"ref_logprobs.{k}.partial.safetensors", key))
+                            partial=(part(k), key))
            for k, d in data.items()}
     tensors = {k: v.contiguous() for k, v in ref.items()}
     write_file_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
     for k in data:  # the whole pass is saved: its parts go
-        (out_dir / f"ref_logprobs.{k}.partial.safetensors").unlink(missing_ok=True)
-        note_kept(f"ipo-ref-ref_logprobs.{k}.partial.safetensors", None)
+        part(k).unlink(missing_ok=True)
+        note_kept(f"ipo-ref-{part(k).name}", None)
     return ref
 
 
@@ -713,8 +713,8 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
     and at each validation; calling again with the same arguments resumes from it (with another
     `epochs`: the same training, under the larger of the two budgets). max_steps pauses after
     that many steps in total (nothing is saved as final; a later call resumes). Reference log-probs are
-    cached in ref_dir (default out_dir). A non-finite loss or gradient stops with a ValueError, leaving the
-    last state with a finite loss in ckpt.pt.
+    kept in ref_dir (default out_dir), shared by every training on the same pairs. A non-finite loss or
+    gradient stops with a ValueError, leaving the last state with a finite loss in ckpt.pt.
     """
     if not tau > 0:
         raise ValueError(f"tau={tau}: the IPO regularisation tau must be > 0")
@@ -866,12 +866,14 @@ def train_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: to
 
 def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: torch.Tensor | None, *,
                lrs: Sequence[float], out_dir: str | os.PathLike, log: Callable[[str], None] = print,
-               bound: float | None = None, **kw) -> tuple[Rank1Edit, dict]:
+               bound: float | None = None, ref_dir: str | os.PathLike | None = None,
+               **kw) -> tuple[Rank1Edit, dict]:
     """The same selection for every edit: train one edit per learning rate in `lrs` (each to convergence by
-    the same `StopRule`, in out_dir/lr<lr>/, sharing one reference pass) and keep the one with the lowest
-    validation IPO loss. When the rate kept is too fast (best at the end of the warm-up), `next_try` says what
-    to train next: a rate below the grid, or a lower rate again with more patience (in out_dir/lr<lr>-p<n>/, going
-    on from where the smaller patience stopped); also while the edit kept is above `bound` (see next_try).
+    the same `StopRule`, in out_dir/lr<lr>/, sharing one reference pass kept in ref_dir, default out_dir) and
+    keep the one with the lowest validation IPO loss. When the rate kept is too fast (best at the end of the
+    warm-up), `next_try` says what to train next: a rate below the grid, or a lower rate again with more patience
+    (in out_dir/lr<lr>-p<n>/, going on from where the smaller patience stopped); also while the edit kept is above
+    `bound` (see next_try).
     Returns (edit, metrics of the chosen run + "selection"); the chosen edit is also saved to
     out_dir/edit.safetensors. kw: the rest of `train_ipo`'s arguments (`stop` the StopRule)."""
     lrs = list(lrs)
@@ -890,8 +892,8 @@ def select_ipo(model: Llama, tokenizer, pairs_train, pairs_val, prompts, mask: t
         if factor > 1 and not (d / "ckpt.pt").exists() and first.exists():  # go on where the smaller patience stopped
             d.mkdir(parents=True, exist_ok=True)
             write_file_atomic(d / "ckpt.pt", lambda tmp: shutil.copyfile(first, tmp))
-        edit, m = train_ipo(model, tokenizer, pairs_train, pairs_val, prompts, mask, lr=lr, stop=rule, ref_dir=out,
-                            out_dir=d, log=log, epochs=epochs * budget, **kw)
+        edit, m = train_ipo(model, tokenizer, pairs_train, pairs_val, prompts, mask, lr=lr, stop=rule,
+                            ref_dir=ref_dir or out, out_dir=d, log=log, epochs=epochs * budget, **kw)
         t = (m["val_loss"], lr, edit, m, below_grid, factor, m["epochs"] // epochs)  # the budget it ran under
         same = [i for i, u in enumerate(tried) if u[1] == lr and u[5] == factor]
         if same:  # the same training gone on under a larger budget: it replaces its earlier record

@@ -32,8 +32,8 @@ import torch
 
 import stats
 from llama import write_file_atomic
-from run import (METRICS, Context, RunConfig, UserError, bound_before, log, meet_full_model_bounds, run, write_atomic,
-                 write_json)
+from run import (JOBS_HELP, METRICS, Context, RunConfig, UserError, _pos_int, do_runs, log, meet_full_model_bounds,
+                 strip_flags, write_atomic, write_json)
 
 NULLS = ("random", "layer-matched", "complement")
 GRAD_PAIRS = 64  # training pairs whose IPO gradient ranks the heads for gradK
@@ -264,10 +264,12 @@ def cmd_localize(argv: list[str]) -> int:
                         "needs K >= 2")
     p.add_argument("--shard", default="0/1", help="i/n: do only the edits with index %% n == i (default 0/1)")
     p.add_argument("--margin", type=float, default=stats.MARGIN, help=f"equivalence margin (default {stats.MARGIN:g})")
+    p.add_argument("--jobs", type=_pos_int, default=1, help=JOBS_HELP)
+    p.add_argument("--only", default=None, metavar="RUN", help="do only this edit (by run name; no verdict)")
     p.add_argument("--runs", default=None, metavar="DIR",
                    help="where the edits are kept, each under its run name (default: the report's directory); an "
                         "experiment's directory (runs/exp-default) shares the edits it trained with the same settings")
-    argv = list(argv)
+    argv, given = list(argv), list(argv)
     m = re.fullmatch(r"grad(\d+)", _flag(argv, "--heads") or "")
     if m:  # gradK is resolved below, once the model is loaded; the run parser sees a placeholder
         argv[argv.index("--heads") + 1] = "random" + m.group(1)
@@ -313,15 +315,18 @@ def cmd_localize(argv: list[str]) -> int:
     seeds_tag = f"-k{a.train_seeds}" if a.train_seeds > 1 else ""
     out = Path(a.out) / f"localize-{tag}-{a.null}-s{base.seed}{seeds_tag}{pairs_tag}{model_tag}"
     keep = Path(a.runs) if a.runs else out
-    mine = [r for k_, r in enumerate(runs) if k_ % sn == si]
+    edits = [(rc.slug(), rc) for _, rc in runs]  # by run name
+    if a.only is not None:
+        one = [r for r in edits if r[0] == a.only]
+        if not one:
+            raise UserError(f"--only {a.only!r}: not one of this command's edits: {', '.join(r for r, _ in edits)}")
+        do_runs(edits, one, keep, ctx)
+        return 0
+    mine = [r for k_, r in enumerate(edits) if k_ % sn == si]
     log(f"localize {spec} ({len(cand)} heads: {head_str(cand)}) against {len(nulls)} {a.null} null set(s) and the full "
         f"model: {len(runs)} edits, shard {si}/{sn} does {len(mine)}")
-    for k_, (name, rc) in enumerate(mine):
-        hs = rc.heads if len(rc.heads) < 60 else f"{rc.heads.count(',') + 1} heads"
-        log(f"--- edit {k_ + 1}/{len(mine)}: {name} ({hs}"
-            + (f", head seed {rc.head_seed})" if rc.heads.startswith("random") else ")"))
-        bound_before([(r.slug(), r) for _, r in runs], keep, rc.slug())
-        run(rc, keep, rc.slug(), ctx)
+    do_runs(edits, mine, keep, ctx, a.jobs, strip_flags(["localize"] + given, ("--jobs", "--shard", "--dtype"))
+            + ["--dtype", base.dtype])
     done = {name: json.loads((keep / rc.slug() / "results.json").read_text()) for name, rc in runs
             if (keep / rc.slug() / "results.json").exists()}
     if len(done) < len(runs):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from gguf import cache_dir
-from llama import interrupted_message, note_kept, write_file_atomic
+from llama import _fmt_s, interrupted_message, note_kept, write_file_atomic
 
 ROOT = Path(__file__).resolve().parent
 
@@ -119,6 +119,9 @@ class RunConfig:
 
 DTYPE_HELP = ("model dtype; auto (default): bf16 on a GPU, and on a CPU whichever of bf16 and fp32 runs its "
               "matmuls faster, measured once per machine; the run records the dtype used")
+JOBS_HELP = ("runs at once, in that many worker processes sharing the cores (default 1); on a 2-core CPU --jobs 2 "
+             "does about 1.4x the work of one process (README, Wall time); numbers differ by the threads a run had "
+             "(each records them)")
 PROBE_LAYOUT_TEXT = {"paper": "the paper's (x, y, x_random): question, answer, another random training question",
                  "iti": "ITI's (x, y): question and answer",
                  "raw": "the pairs file's prompt as written, then the chosen or rejected answer"}
@@ -723,6 +726,98 @@ def meet_full_model_bounds(runs: list[tuple[str, RunConfig]], res: dict[str, dic
     return done
 
 
+def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv without these flags and their values (`--jobs 2` and `--jobs=2` alike)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in flags:
+            skip = True
+        elif not x.startswith(tuple(f + "=" for f in flags)):
+            out.append(x)
+    return out
+
+
+def do_runs(runs: list[tuple[str, RunConfig]], mine: list[tuple[str, RunConfig]], out_root: Path, ctx: Context,
+            jobs: int = 1, worker: list[str] | None = None) -> None:
+    """Do the runs `mine` of a command's `runs` (each told its full-model bound first, `bound_before`): one after
+    another here, or with jobs > 1 in that many worker processes sharing the cores (`python run.py *worker
+    --only NAME`, each with cores/jobs threads; its output in out_root/logs/NAME.log). Runs at these sizes are
+    bounded by per-call overhead, not by the matmuls, so two one-thread processes do more than one two-thread
+    one (see README). A full-model IPO run starts once this command's head-set runs at its tau are done, as it
+    would one after another (its bound needs them)."""
+    if jobs <= 1 or len(mine) <= 1:
+        for k, (name, c) in enumerate(mine):
+            log(f"--- run {k + 1}/{len(mine)}: {name}")
+            bound_before(runs, out_root, name)
+            run(c, out_root, name, ctx)
+        return
+    import subprocess
+
+    # what every run reads, made once here, not by each worker at once: activations and probes, judges, base model
+    ctx.probe
+    if ctx.judged:
+        ctx.judges
+    base_eval(ctx)
+    threads = max(1, torch.get_num_threads() // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    logs = out_root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    done = lambda name: (out_root / name / "results.json").exists()
+    heads_at = lambda c: [n for n, h in mine if h.method == "ipo" and not h.full_model and h.tau == c.tau]
+    todo, running, t0, last = list(mine), {}, time.time(), time.time()
+
+    def ready(name: str, c: RunConfig) -> bool:
+        return not (c.method == "ipo" and c.full_model) or all(done(n) for n in heads_at(c))
+
+    def status() -> str:
+        lines = []
+        for name, (_, f, _) in running.items():
+            tail = f.read_text(errors="replace")[-600:].replace("\r", "\n").splitlines()
+            now = next((s.strip() for s in reversed(tail) if s.strip()), "")
+            lines.append(f"  {name}: {now[:110]}")
+        return "\n".join(lines)
+
+    log(f"{len(mine)} runs in {jobs} worker processes of {threads} thread(s) each; their output in {logs}/")
+    try:
+        while todo or running:
+            while len(running) < jobs:
+                pick = next((r for r in todo if ready(*r) and r[1].full_model), None) or \
+                    next((r for r in todo if ready(*r)), None)  # the longest (full-model) runs first, once ready
+                if pick is None:
+                    break
+                todo.remove(pick)
+                name = pick[0]
+                f = logs / f"{name}.log"
+                with open(f, "a") as fh:
+                    p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *worker, "--only", name],
+                                         stdout=fh, stderr=subprocess.STDOUT, env=env)
+                running[name] = (p, f, time.time())
+                log(f"--- started {name} ({len(mine) - len(todo)}/{len(mine)}, {_fmt_s(time.time() - t0)} in)")
+            if not running:
+                raise UserError(f"runs {', '.join(n for n, _ in todo)} wait for runs that are not done")
+            time.sleep(1.0)
+            for name, (p, f, t) in list(running.items()):
+                if p.poll() is None:
+                    continue
+                del running[name]
+                if p.returncode != 0:
+                    tail = f.read_text(errors="replace")[-2000:].replace("\r", "\n").strip().splitlines()[-5:]
+                    for q, _, _ in running.values():
+                        q.wait()
+                    raise UserError(f"run {name} failed (exit {p.returncode}); the end of {f}:\n  " + "\n  ".join(tail))
+                log(f"--- finished {name} in {_fmt_s(time.time() - t)} "
+                    f"({len(mine) - len(todo) - len(running)}/{len(mine)} done, {_fmt_s(time.time() - t0)} in)")
+            if time.time() - last >= 120 and running:
+                last = time.time()
+                log(f"[{_fmt_s(time.time() - t0)}] running:\n{status()}")
+    except KeyboardInterrupt:  # each worker saves where it is (it had the Ctrl-C too); wait for them
+        for p, _, _ in running.values():
+            p.wait()
+        raise
+
+
 def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | None = None) -> dict:
     """Do (or resume) one run; returns its results.json content."""
     import ipo
@@ -803,7 +898,8 @@ def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | 
                                              seed=cfg.seed if cfg.train_seed is None else cfg.train_seed,
                                              scale=cfg.scale, stop=ipo.StopRule(cfg.eval_every, cfg.patience,
                                                                                 cfg.min_delta),
-                                             out_dir=d / "ipo", log=log, bound=full_bound(d))
+                                             out_dir=d / "ipo", log=log, bound=full_bound(d),
+                                             ref_dir=cache_dir() / "ipo-ref")  # shared by the runs on these pairs
         timings["ipo_s"] = time.time() - t
     if cfg.method in ("iti", "both"):
         path = d / "iti" / "edit.safetensors"

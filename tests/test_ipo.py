@@ -221,7 +221,7 @@ def test_reference_pass_resumes_after_an_interrupt(model, tmp_path, monkeypatch)
     monkeypatch.setattr(ipo, "answer_logprobs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ipo.reference_logprobs(model, {"train": data}, True, tmp_path)
-    part = tmp_path / "ref_logprobs.train.partial.safetensors"
+    part, = tmp_path.glob("ref_logprobs-*.train.partial.safetensors")
     assert part.exists() and "reference log-probs of" in llama.interrupted_message()
     done_before = sum(calls[:2])
     calls.clear()
@@ -232,6 +232,23 @@ def test_reference_pass_resumes_after_an_interrupt(model, tmp_path, monkeypatch)
     assert "reference log-probs" not in llama.interrupted_message()
     part.write_text("damaged")  # a damaged part is done again, not trusted
     assert torch.equal(ipo.pair_logprobs(model, data, partial=(part, "k")), whole)
+
+
+def test_reference_logprobs_are_shared_by_the_same_pairs_and_threads(model, tmp_path, monkeypatch):
+    """One file per (model, pairs, thread count) in ref_dir: a second training on the same pairs computes
+    nothing; other pairs, or another thread count (bf16 sums in another order), get their own."""
+    data = ipo.encode_pairs(CharTokenizer(), PAIRS, Prompts())
+    first = ipo.reference_logprobs(model, {"train": data}, True, tmp_path)
+    calls = []
+    real = ipo.pair_logprobs
+    monkeypatch.setattr(ipo, "pair_logprobs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    again = ipo.reference_logprobs(model, {"train": data}, True, tmp_path)
+    assert calls == [] and torch.equal(again["train"], first["train"]) and len(list(tmp_path.iterdir())) == 1
+    ipo.reference_logprobs(model, {"train": data.subset(range(3))}, True, tmp_path)
+    assert calls == [1] and len(list(tmp_path.iterdir())) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    ipo.reference_logprobs(model, {"train": data}, True, tmp_path)
+    assert calls == [1, 1] and len(list(tmp_path.iterdir())) == 3
 
 
 def test_b_gradients_outside_heads_are_exactly_zero(model):
@@ -279,7 +296,7 @@ def test_training_lowers_loss_and_raises_accuracy(model, tmp_path):
     assert any("NOT CONVERGED" in l for l in lines)
     saved = ipo.Rank1Edit.load(tmp_path / "edit.safetensors")
     assert torch.equal(saved.b, edit.b_eff().detach()) and saved.meta["metrics"]["steps"] == 16
-    assert (tmp_path / "ref_logprobs.safetensors").exists()
+    assert len(list(tmp_path.glob("ref_logprobs-*.safetensors"))) == 1
 
 
 def scripted_validation(monkeypatch, losses):
@@ -338,7 +355,7 @@ def test_select_ipo_keeps_the_lowest_validation_loss(model, tmp_path):
     grid = m["selection"]["grid"]
     assert [g["lr"] for g in grid] == [1e-4, 0.05] and m["selection"]["chosen_lr"] == m["lr"]
     assert m["val_loss"] == min(g["val_loss"] for g in grid) and m["lr"] == 0.05
-    assert (tmp_path / "ref_logprobs.safetensors").exists() and not (tmp_path / "lr0.05" / "ref_logprobs.safetensors").exists()
+    assert len(list(tmp_path.glob("ref_logprobs-*"))) == 1 and not list(tmp_path.glob("lr0.05/ref_logprobs-*"))
     saved = ipo.Rank1Edit.load(tmp_path / "edit.safetensors")
     assert torch.equal(saved.b, edit.b_eff().detach()) and saved.meta["metrics"]["selection"]["chosen_lr"] == 0.05
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -627,3 +628,61 @@ def test_a_full_model_short_of_a_head_sets_validation_loss_is_trained_on(tmp_pat
     res["heads"]["ipo"]["val_loss"] = min(res["full"]["ipo"]["val_loss"], v) / 2  # still above: every rate was tried
     assert run.meet_full_model_bounds(runs, res, out, ctx) == []
     assert "left as it is" in capsys.readouterr().err
+
+
+def test_strip_flags_removes_flags_and_their_values():
+    argv = ["experiment", "mc", "--jobs", "2", "--shard=0/2", "--dtype", "auto", "--out", "x"]
+    assert run.strip_flags(argv, ("--jobs", "--shard", "--dtype")) == ["experiment", "mc", "--out", "x"]
+
+
+def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypatch):
+    """do_runs with jobs: never more than `jobs` workers; a full-model IPO run waits for this command's head-set
+    runs at its tau (its bound needs them) and goes first once ready; each worker is this command with --only NAME,
+    one thread, no --jobs; a failed worker stops the rest, naming its log."""
+    import subprocess
+
+    events, alive = [], {}
+
+    class Worker:  # a worker that finishes on its third poll, writing its results
+        def __init__(self, argv, stdout, stderr, env):
+            self.name, self.polls, self.returncode = argv[argv.index("--only") + 1], 0, None
+            assert "--jobs" not in argv and env["OMP_NUM_THREADS"] == "1" and argv[2:4] == ["experiment", "mc"]
+            events.append(("start", self.name, sorted(alive)))
+            alive[self.name] = self
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 3:
+                return None
+            self.returncode = 1 if self.name == "bad" else 0
+            if self.returncode == 0:
+                (tmp_path / self.name).mkdir(exist_ok=True)
+                (tmp_path / self.name / "results.json").write_text("{}")
+            alive.pop(self.name, None)
+            return self.returncode
+
+        def wait(self):
+            while self.poll() is None:
+                pass
+
+    monkeypatch.setattr(subprocess, "Popen", Worker)
+    monkeypatch.setattr(run.time, "sleep", lambda s: None)
+    monkeypatch.setattr(run, "base_eval", lambda ctx: None)
+    monkeypatch.setattr(run.torch, "get_num_threads", lambda: 2)
+    ctx = types.SimpleNamespace(probe=None, judged=False)
+    b = run.RunConfig(method="ipo")
+    runs = [("h1", replace(b, heads="random16", tau=0.1)), ("h2", replace(b, heads="random16", tau=0.1)),
+            ("h5", replace(b, heads="random16", tau=0.5)), ("iti", replace(b, heads="probe16", method="iti")),
+            ("f1", replace(b, heads="full", tau=0.1)), ("f5", replace(b, heads="full", tau=0.5))]
+    run.do_runs(runs, runs, tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
+    started = [e[1] for e in events]
+    assert sorted(started) == sorted(n for n, _ in runs) and all(len(e[2]) < 2 for e in events)
+    at = lambda n: started.index(n)
+    assert at("f1") > max(at("h1"), at("h2")) and at("f5") > at("h5")
+    assert at("f1") < at("iti")  # once ready, the full model goes before the runs left
+    assert "f1" not in [e[2] for e in events if e[1] == "h2"][0]
+
+    events.clear()
+    with pytest.raises(run.UserError, match=r"run bad failed \(exit 1\); the end of .*bad\.log"):
+        run.do_runs(runs, [("bad", b), ("ok", b), ("late", b)], tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
+    assert [e[1] for e in events] == ["bad", "ok"] and not alive  # the other worker waited for, nothing new begun
