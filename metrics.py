@@ -242,7 +242,7 @@ def kl_ce(model: Llama, tokenizer, texts: Sequence[str], edit: Edit | None = Non
     meter = Progress(len(enc), "kl", unit="texts") if progress else None
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
-        ids, mask = pad_right([enc[i] for i in rows], 0, model.device)  # [B, T]
+        ids, _ = pad_right([enc[i] for i in rows], 0, model.device)  # [B, T], padded on the right
         edit_mask = None
         if newest:
             edit_mask = torch.zeros(ids.shape, dtype=torch.bool, device=model.device)  # [B, T]
@@ -254,13 +254,14 @@ def kl_ce(model: Llama, tokenizer, texts: Sequence[str], edit: Edit | None = Non
             h = model(ids, output="hidden")  # [B, T, M]
             if cache is not None:
                 cache.put(rows, h)
-        base = model.logits(h).float().log_softmax(-1)[:, :-1]  # log p_base: [B, T-1, V]
-        edited = base if edit is None else model(ids, edit=edit, edit_mask=edit_mask).float().log_softmax(-1)[:, :-1]
-        valid = mask[:, 1:].float()  # [B, T-1]: position t predicts real token t+1
-        kl = (base.exp() * (base - edited)).sum(-1) * valid  # [B, T-1]
-        ce = -edited.gather(-1, ids[:, 1:, None])[..., 0] * valid  # [B, T-1]
-        for b, i in enumerate(rows):
-            kl_sum[i], ce_sum[i] = kl[b].sum().item(), ce[b].sum().item()
+        logits_base = model.logits(h)  # [B, T, V]
+        logits_edit = logits_base if edit is None else model(ids, edit=edit, edit_mask=edit_mask)  # [B, T, V]
+        for b, i in enumerate(rows):  # text by text, its n real positions only: the [n, V] log-probs stay in cache
+            n = n_tok[i]  # position t < n predicts token t + 1
+            base = logits_base[b, :n].float().log_softmax(-1)  # log p_base: [n, V]
+            edited = base if edit is None else logits_edit[b, :n].float().log_softmax(-1)  # log p_edit: [n, V]
+            kl_sum[i] = (base.exp() * (base - edited)).sum(-1).sum().item()
+            ce_sum[i] = -edited.gather(-1, ids[b, 1:n + 1, None])[:, 0].sum().item()
         if meter:
             meter.update(len(rows))
     if meter:

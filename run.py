@@ -120,8 +120,8 @@ class RunConfig:
 DTYPE_HELP = ("model dtype; auto (default): bf16 on a GPU, and on a CPU whichever of bf16 and fp32 runs its "
               "matmuls faster, measured once per machine; the run records the dtype used")
 JOBS_HELP = ("runs at once, in that many worker processes sharing the cores (default 1); on a 2-core CPU --jobs 2 "
-             "does about 1.4x the work of one process (README, Wall time); numbers differ by the threads a run had "
-             "(each records them)")
+             "trains about 1.2x faster than one process (README, On one machine); a run's numbers depend on its "
+             "thread count (each records it)")
 PROBE_LAYOUT_TEXT = {"paper": "the paper's (x, y, x_random): question, answer, another random training question",
                  "iti": "ITI's (x, y): question and answer",
                  "raw": "the pairs file's prompt as written, then the chosen or rejected answer"}
@@ -741,22 +741,41 @@ def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 def do_runs(runs: list[tuple[str, RunConfig]], mine: list[tuple[str, RunConfig]], out_root: Path, ctx: Context,
             jobs: int = 1, worker: list[str] | None = None) -> None:
-    """Do the runs `mine` of a command's `runs` (each told its full-model bound first, `bound_before`): one after
-    another here, or with jobs > 1 in that many worker processes sharing the cores (`python run.py *worker
-    --only NAME`, each with cores/jobs threads; its output in out_root/logs/NAME.log). Runs at these sizes are
-    bounded by per-call overhead, not by the matmuls, so two one-thread processes do more than one two-thread
-    one (see README). A full-model IPO run starts once this command's head-set runs at its tau are done, as it
-    would one after another (its bound needs them)."""
-    if jobs <= 1 or len(mine) <= 1:
-        for k, (name, c) in enumerate(mine):
-            log(f"--- run {k + 1}/{len(mine)}: {name}")
-            bound_before(runs, out_root, name)
-            run(c, out_root, name, ctx)
-        return
+    """Do the runs `mine` of a command's `runs`, each told its full-model bound first (`bound_before`): one after
+    another here, or with jobs > 1 those not yet finished in that many worker processes sharing the cores
+    (`_in_workers`; the finished ones are brought up to date here, which costs next to nothing)."""
+    done = lambda name: (out_root / name / "results.json").exists()
+    here = mine if jobs <= 1 else [r for r in mine if done(r[0])]
+    rest = [r for r in mine if r not in here]
+    if len(rest) == 1:  # one run gets every core
+        here, rest = mine, []
+    for k, (name, c) in enumerate(here):
+        log(f"--- run {k + 1}/{len(here)}: {name}")
+        bound_before(runs, out_root, name)
+        run(c, out_root, name, ctx)
+    if rest:
+        _in_workers(rest, out_root, ctx, jobs, worker)
+
+
+def _tail(path: Path, n: int = 2000) -> list[str]:
+    """The last lines of a worker's log (progress meters rewrite their line with a carriage return)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - n))
+        text = f.read().decode(errors="replace")
+    return [s.strip() for s in text.replace("\r", "\n").splitlines() if s.strip()]
+
+
+def _in_workers(todo: list[tuple[str, RunConfig]], out_root: Path, ctx: Context, jobs: int, worker: list[str]) -> None:
+    """The runs `todo` in `jobs` worker processes, each `python run.py *worker --only NAME` with cores/jobs threads
+    and its output in out_root/logs/NAME.log. At these sizes a run is bounded by per-call overhead more than by
+    its matmuls, so two one-thread processes do more than one two-thread process (README, Wall time). A
+    full-model IPO run starts once the head-set runs at its tau among `todo` are done, as it would one after
+    another (its bound needs them), and before the runs still waiting (it is the longest). A failed worker
+    stops the rest: the running ones finish, nothing new starts."""
+    import signal
     import subprocess
 
-    # what every run reads, made once here, not by each worker at once: activations and probes, judges, base model
-    ctx.probe
+    ctx.probe  # what every run reads, made here once rather than by each worker at the same time
     if ctx.judged:
         ctx.judges
     base_eval(ctx)
@@ -764,55 +783,52 @@ def do_runs(runs: list[tuple[str, RunConfig]], mine: list[tuple[str, RunConfig]]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     logs = out_root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    done = lambda name: (out_root / name / "results.json").exists()
-    heads_at = lambda c: [n for n, h in mine if h.method == "ipo" and not h.full_model and h.tau == c.tau]
-    todo, running, t0, last = list(mine), {}, time.time(), time.time()
+    n, todo, running, t0, shown = len(todo), list(todo), {}, time.time(), time.time()
+    heads = [(name, c.tau) for name, c in todo if c.method == "ipo" and not c.full_model]
 
-    def ready(name: str, c: RunConfig) -> bool:
-        return not (c.method == "ipo" and c.full_model) or all(done(n) for n in heads_at(c))
+    def ready(c: RunConfig) -> bool:
+        return not (c.method == "ipo" and c.full_model) or all(
+            (out_root / name / "results.json").exists() for name, tau in heads if tau == c.tau)
 
-    def status() -> str:
-        lines = []
-        for name, (_, f, _) in running.items():
-            tail = f.read_text(errors="replace")[-600:].replace("\r", "\n").splitlines()
-            now = next((s.strip() for s in reversed(tail) if s.strip()), "")
-            lines.append(f"  {name}: {now[:110]}")
-        return "\n".join(lines)
-
-    log(f"{len(mine)} runs in {jobs} worker processes of {threads} thread(s) each; their output in {logs}/")
+    log(f"{n} runs in {jobs} worker processes of {threads} thread(s) each; their output in {logs}/")
     try:
         while todo or running:
             while len(running) < jobs:
-                pick = next((r for r in todo if ready(*r) and r[1].full_model), None) or \
-                    next((r for r in todo if ready(*r)), None)  # the longest (full-model) runs first, once ready
+                pick = next((r for r in todo if r[1].full_model and ready(r[1])), None) or \
+                    next((r for r in todo if ready(r[1])), None)
                 if pick is None:
                     break
                 todo.remove(pick)
-                name = pick[0]
-                f = logs / f"{name}.log"
+                f = logs / f"{pick[0]}.log"
                 with open(f, "a") as fh:
-                    p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *worker, "--only", name],
+                    p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *worker, "--only", pick[0]],
                                          stdout=fh, stderr=subprocess.STDOUT, env=env)
-                running[name] = (p, f, time.time())
-                log(f"--- started {name} ({len(mine) - len(todo)}/{len(mine)}, {_fmt_s(time.time() - t0)} in)")
+                running[pick[0]] = (p, f, time.time())
+                log(f"--- started {pick[0]} ({n - len(todo)}/{n}, {_fmt_s(time.time() - t0)} in)")
             if not running:
-                raise UserError(f"runs {', '.join(n for n, _ in todo)} wait for runs that are not done")
+                raise UserError(f"runs {', '.join(name for name, _ in todo)} wait for runs that are not done")
             time.sleep(1.0)
             for name, (p, f, t) in list(running.items()):
                 if p.poll() is None:
                     continue
                 del running[name]
                 if p.returncode != 0:
-                    tail = f.read_text(errors="replace")[-2000:].replace("\r", "\n").strip().splitlines()[-5:]
                     for q, _, _ in running.values():
                         q.wait()
-                    raise UserError(f"run {name} failed (exit {p.returncode}); the end of {f}:\n  " + "\n  ".join(tail))
-                log(f"--- finished {name} in {_fmt_s(time.time() - t)} "
-                    f"({len(mine) - len(todo) - len(running)}/{len(mine)} done, {_fmt_s(time.time() - t0)} in)")
-            if time.time() - last >= 120 and running:
-                last = time.time()
-                log(f"[{_fmt_s(time.time() - t0)}] running:\n{status()}")
-    except KeyboardInterrupt:  # each worker saves where it is (it had the Ctrl-C too); wait for them
+                    raise UserError(f"run {name} failed (exit {p.returncode}); the end of {f}:\n  "
+                                    + "\n  ".join(_tail(f)[-5:]))
+                log(f"--- finished {name} in {_fmt_s(time.time() - t)} ({n - len(todo) - len(running)}/{n} done, "
+                    f"{_fmt_s(time.time() - t0)} in)")
+            if time.time() - shown >= 120 and running:
+                shown = time.time()
+                log(f"[{_fmt_s(shown - t0)}] running:\n" + "\n".join(
+                    f"  {name}: {(_tail(f) or [''])[-1][:110]}" for name, (_, f, _) in running.items()))
+    except KeyboardInterrupt:  # each worker saves where it is and stops (a Ctrl-C reaches them too; else sent here)
+        for p, _, _ in running.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGINT)
         for p, _, _ in running.values():
             p.wait()
         raise

@@ -682,7 +682,13 @@ def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypat
     assert at("f1") < at("iti")  # once ready, the full model goes before the runs left
     assert "f1" not in [e[2] for e in events if e[1] == "h2"][0]
 
+    here = []  # finished runs, and a single run left, are done in this process (no worker)
+    monkeypatch.setattr(run, "bound_before", lambda runs_, out, name: None)
+    monkeypatch.setattr(run, "run", lambda c, out, name, ctx_: here.append(name))
     events.clear()
+    run.do_runs(runs, runs + [("one", b)], tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
+    assert events == [] and here == [n for n, _ in runs] + ["one"]
+
     with pytest.raises(run.UserError, match=r"run bad failed \(exit 1\); the end of .*bad\.log"):
         run.do_runs(runs, [("bad", b), ("ok", b), ("late", b)], tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
     assert [e[1] for e in events] == ["bad", "ok"] and not alive  # the other worker waited for, nothing new begun
