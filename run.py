@@ -767,12 +767,11 @@ def _tail(path: Path, n: int = 2000) -> list[str]:
 
 def _in_workers(todo: list[tuple[str, RunConfig]], out_root: Path, ctx: Context, jobs: int, worker: list[str]) -> None:
     """The runs `todo` in `jobs` worker processes, each `python run.py *worker --only NAME` with cores/jobs threads
-    and its output in out_root/logs/NAME.log. At these sizes a run is bounded by per-call overhead more than by
-    its matmuls, so two one-thread processes do more than one two-thread process (README, Wall time). A
-    full-model IPO run starts once the head-set runs at its tau among `todo` are done, as it would one after
-    another (its bound needs them), and before the runs still waiting (it is the longest). A failed worker
-    stops the rest: the running ones finish, nothing new starts."""
-    import signal
+    and its output in out_root/logs/NAME.log. At these sizes training is bounded by per-call overhead more than
+    by its matmuls, so two one-thread processes train faster than one two-thread process (README, On one
+    machine). A full-model IPO run starts once the head-set runs at its tau among `todo` are done, as it would one
+    after another (its bound needs them), and before the runs still waiting (it is the longest). A failed worker
+    stops the others as Ctrl-C does (each saves where it is), and nothing new starts."""
     import subprocess
 
     ctx.probe  # what every run reads, made here once rather than by each worker at the same time
@@ -813,8 +812,7 @@ def _in_workers(todo: list[tuple[str, RunConfig]], out_root: Path, ctx: Context,
                     continue
                 del running[name]
                 if p.returncode != 0:
-                    for q, _, _ in running.values():
-                        q.wait()
+                    _stop(running)
                     raise UserError(f"run {name} failed (exit {p.returncode}); the end of {f}:\n  "
                                     + "\n  ".join(_tail(f)[-5:]))
                 log(f"--- finished {name} in {_fmt_s(time.time() - t)} ({n - len(todo) - len(running)}/{n} done, "
@@ -823,15 +821,26 @@ def _in_workers(todo: list[tuple[str, RunConfig]], out_root: Path, ctx: Context,
                 shown = time.time()
                 log(f"[{_fmt_s(shown - t0)}] running:\n" + "\n".join(
                     f"  {name}: {(_tail(f) or [''])[-1][:110]}" for name, (_, f, _) in running.items()))
-    except KeyboardInterrupt:  # each worker saves where it is and stops (a Ctrl-C reaches them too; else sent here)
-        for p, _, _ in running.values():
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.send_signal(signal.SIGINT)
-        for p, _, _ in running.values():
-            p.wait()
+    except KeyboardInterrupt:  # a Ctrl-C at the terminal reaches the workers too: they save where they are
+        _stop(running, grace=5.0)
         raise
+
+
+def _stop(running: dict, grace: float = 0.0) -> None:
+    """Stop the workers as Ctrl-C does (each saves where it is), after `grace` seconds for one to stop by itself."""
+    import signal
+    import subprocess
+
+    for p, _, _ in running.values():
+        try:
+            if grace > 0:
+                p.wait(timeout=grace)
+            elif p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGINT)
+    for p, _, _ in running.values():
+        p.wait()
 
 
 def run(cfg: RunConfig, out_root: Path, name: str | None = None, ctx: Context | None = None) -> dict:

@@ -643,7 +643,7 @@ def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypat
 
     events, alive = [], {}
 
-    class Worker:  # a worker that finishes on its third poll, writing its results
+    class Worker:  # a worker that finishes on its third poll (tenth: ok, ok2, slow), writing its results
         def __init__(self, argv, stdout, stderr, env):
             self.name, self.polls, self.returncode = argv[argv.index("--only") + 1], 0, None
             assert "--jobs" not in argv and env["OMP_NUM_THREADS"] == "1" and argv[2:4] == ["experiment", "mc"]
@@ -652,7 +652,7 @@ def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypat
 
         def poll(self):
             self.polls += 1
-            if self.polls < 3:
+            if self.polls < (10 if self.name in ("ok", "ok2", "slow") else 3):
                 return None
             self.returncode = 1 if self.name == "bad" else 0
             if self.returncode == 0:
@@ -661,9 +661,14 @@ def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypat
             alive.pop(self.name, None)
             return self.returncode
 
-        def wait(self):
+        def wait(self, timeout=None):
+            if timeout is not None and self.name == "slow":
+                raise subprocess.TimeoutExpired("worker", timeout)
             while self.poll() is None:
                 pass
+
+        def send_signal(self, sig):
+            events.append(("signal", self.name, sig))
 
     monkeypatch.setattr(subprocess, "Popen", Worker)
     monkeypatch.setattr(run.time, "sleep", lambda s: None)
@@ -691,4 +696,12 @@ def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypat
 
     with pytest.raises(run.UserError, match=r"run bad failed \(exit 1\); the end of .*bad\.log"):
         run.do_runs(runs, [("bad", b), ("ok", b), ("late", b)], tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
-    assert [e[1] for e in events] == ["bad", "ok"] and not alive  # the other worker waited for, nothing new begun
+    assert [e[1] for e in events] == ["bad", "ok", "ok"] and events[2][0] == "signal" and not alive  # the other
+    # worker stopped as by Ctrl-C (it saves where it is), nothing new begun
+
+    events.clear()  # Ctrl-C: a worker that has not stopped by itself after the grace time gets it sent
+    monkeypatch.setattr(run.time, "sleep", lambda s: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run.do_runs(runs, [("slow", b), ("ok2", b)], tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
+    import signal
+    assert ("signal", "slow", signal.SIGINT) in events and ("signal", "ok2", signal.SIGINT) not in events
