@@ -685,7 +685,8 @@ def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypat
     at = lambda n: started.index(n)
     assert at("f1") > max(at("h1"), at("h2")) and at("f5") > at("h5")
     assert at("f1") < at("iti")  # once ready, the full model goes before the runs left
-    assert "f1" not in [e[2] for e in events if e[1] == "h2"][0]
+    alive_at = {e[1]: e[2] for e in events}  # the workers running when each started
+    assert not {"h1", "h2"} & set(alive_at["f1"]) and "h5" not in alive_at["f5"]  # its tau's head sets were done
 
     here = []  # finished runs, and a single run left, are done in this process (no worker)
     monkeypatch.setattr(run, "bound_before", lambda runs_, out, name: None)
