@@ -1316,5 +1316,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # main as run.main: experiments.py and localize.py raise run's UserError, not __main__'s
+    import run as _run
+
+    sys.exit(_run.main())

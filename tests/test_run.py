@@ -706,3 +706,15 @@ def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypat
         run.do_runs(runs, [("slow", b), ("ok2", b)], tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
     import signal
     assert ("signal", "slow", signal.SIGINT) in events and ("signal", "ok2", signal.SIGINT) not in events
+
+
+def test_user_errors_from_the_command_line_are_one_line():
+    """`python run.py experiment ...` as a script: an error raised by experiments.py (which imports run) is the
+    same UserError main catches, so it is one line with exit status 2, not a traceback."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(run.ROOT / "run.py"), "experiment", "ipo-random", "--shard", "3/2"],
+                       capture_output=True, text=True, cwd=run.ROOT)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "run.py: error: --shard '3/2': expected i/n with 0 <= i < n, e.g. 0/4"]
