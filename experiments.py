@@ -30,7 +30,7 @@ import ipo
 import stats
 from llama import write_file_atomic
 from run import (FULL_BOUND_TOL, JOBS_HELP, METRICS, PROBE_LAYOUT_TEXT, DTYPE_HELP, Context, RunConfig, UserError,
-                 _pos_int, do_runs, log, meet_full_model_bounds, resolve_dtype, strip_flags, write_atomic, write_json)
+                 _pos_int, do_runs, log, meet_full_model_bounds, resolve_dtype, write_atomic, write_json)
 
 EXPERIMENTS = {
     "iti-localized-vs-random": "Fig. 1: ITI at probe16 vs random 16-head sets over an alpha sweep",
@@ -186,8 +186,7 @@ def cmd_experiment(argv: list[str]) -> int:
         return 0
     mine = [] if a.partial else [r for k, r in enumerate(runs) if k % n == i]
     log(f"experiment {a.name} ({size_name}): {len(runs)} runs, shard {i}/{n} does {len(mine)}")
-    do_runs(runs, mine, out, ctx, a.jobs, strip_flags(["experiment"] + argv, ("--jobs", "--shard", "--dtype"))
-            + ["--dtype", base.dtype])
+    do_runs(runs, mine, out, ctx, a.jobs, ["experiment"] + argv)
     finished = {r: json.loads((out / r / "results.json").read_text())
                 for r, _ in runs if (out / r / "results.json").exists()}
     missing = [r for r, _ in runs if r not in finished]

@@ -33,7 +33,7 @@ import torch
 import stats
 from llama import write_file_atomic
 from run import (JOBS_HELP, METRICS, Context, RunConfig, UserError, _pos_int, do_runs, log, meet_full_model_bounds,
-                 strip_flags, write_atomic, write_json)
+                 write_atomic, write_json)
 
 NULLS = ("random", "layer-matched", "complement")
 GRAD_PAIRS = 64  # training pairs whose IPO gradient ranks the heads for gradK
@@ -325,8 +325,7 @@ def cmd_localize(argv: list[str]) -> int:
     mine = [r for k_, r in enumerate(edits) if k_ % sn == si]
     log(f"localize {spec} ({len(cand)} heads: {head_str(cand)}) against {len(nulls)} {a.null} null set(s) and the full "
         f"model: {len(runs)} edits, shard {si}/{sn} does {len(mine)}")
-    do_runs(edits, mine, keep, ctx, a.jobs, strip_flags(["localize"] + given, ("--jobs", "--shard", "--dtype"))
-            + ["--dtype", base.dtype])
+    do_runs(edits, mine, keep, ctx, a.jobs, ["localize"] + given)
     done = {name: json.loads((keep / rc.slug() / "results.json").read_text()) for name, rc in runs
             if (keep / rc.slug() / "results.json").exists()}
     if len(done) < len(runs):

@@ -740,10 +740,11 @@ def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 
 def do_runs(runs: list[tuple[str, RunConfig]], mine: list[tuple[str, RunConfig]], out_root: Path, ctx: Context,
-            jobs: int = 1, worker: list[str] | None = None) -> None:
+            jobs: int = 1, command: list[str] | None = None) -> None:
     """Do the runs `mine` of a command's `runs`, each told its full-model bound first (`bound_before`): one after
     another here, or with jobs > 1 those not yet finished in that many worker processes sharing the cores
-    (`_in_workers`; the finished ones are brought up to date here, which costs next to nothing)."""
+    (`_in_workers`, each `python run.py *command` with --only; the finished ones are brought up to date here, which
+    costs next to nothing). command: the command as given, e.g. ["experiment", "mc", "--jobs", "2"]."""
     done = lambda name: (out_root / name / "results.json").exists()
     here = mine if jobs <= 1 else [r for r in mine if done(r[0])]
     rest = [r for r in mine if r not in here]
@@ -754,6 +755,7 @@ def do_runs(runs: list[tuple[str, RunConfig]], mine: list[tuple[str, RunConfig]]
         bound_before(runs, out_root, name)
         run(c, out_root, name, ctx)
     if rest:
+        worker = strip_flags(command, ("--jobs", "--shard", "--dtype", "--only")) + ["--dtype", ctx.cfg.dtype]
         _in_workers(rest, out_root, ctx, jobs, worker)
 
 

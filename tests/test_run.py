@@ -674,12 +674,12 @@ def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypat
     monkeypatch.setattr(run.time, "sleep", lambda s: None)
     monkeypatch.setattr(run, "base_eval", lambda ctx: None)
     monkeypatch.setattr(run.torch, "get_num_threads", lambda: 2)
-    ctx = types.SimpleNamespace(probe=None, judged=False)
+    ctx = types.SimpleNamespace(probe=None, judged=False, cfg=types.SimpleNamespace(dtype="bf16"))
     b = run.RunConfig(method="ipo")
     runs = [("h1", replace(b, heads="random16", tau=0.1)), ("h2", replace(b, heads="random16", tau=0.1)),
             ("h5", replace(b, heads="random16", tau=0.5)), ("iti", replace(b, heads="probe16", method="iti")),
             ("f1", replace(b, heads="full", tau=0.1)), ("f5", replace(b, heads="full", tau=0.5))]
-    run.do_runs(runs, runs, tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
+    run.do_runs(runs, runs, tmp_path, ctx, jobs=2, command=["experiment", "mc", "--jobs", "2"])
     started = [e[1] for e in events]
     assert sorted(started) == sorted(n for n, _ in runs) and all(len(e[2]) < 2 for e in events)
     at = lambda n: started.index(n)
@@ -692,18 +692,18 @@ def test_jobs_start_a_full_model_once_its_head_sets_are_done(tmp_path, monkeypat
     monkeypatch.setattr(run, "bound_before", lambda runs_, out, name: None)
     monkeypatch.setattr(run, "run", lambda c, out, name, ctx_: here.append(name))
     events.clear()
-    run.do_runs(runs, runs + [("one", b)], tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
+    run.do_runs(runs, runs + [("one", b)], tmp_path, ctx, jobs=2, command=["experiment", "mc", "--jobs", "2"])
     assert events == [] and here == [n for n, _ in runs] + ["one"]
 
     with pytest.raises(run.UserError, match=r"run bad failed \(exit 1\); the end of .*bad\.log"):
-        run.do_runs(runs, [("bad", b), ("ok", b), ("late", b)], tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
+        run.do_runs(runs, [("bad", b), ("ok", b), ("late", b)], tmp_path, ctx, jobs=2, command=["experiment", "mc", "--jobs", "2"])
     assert [e[1] for e in events] == ["bad", "ok", "ok"] and events[2][0] == "signal" and not alive  # the other
     # worker stopped as by Ctrl-C (it saves where it is), nothing new begun
 
     events.clear()  # Ctrl-C: a worker that has not stopped by itself after the grace time gets it sent
     monkeypatch.setattr(run.time, "sleep", lambda s: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        run.do_runs(runs, [("slow", b), ("ok2", b)], tmp_path, ctx, jobs=2, worker=["experiment", "mc"])
+        run.do_runs(runs, [("slow", b), ("ok2", b)], tmp_path, ctx, jobs=2, command=["experiment", "mc", "--jobs", "2"])
     import signal
     assert ("signal", "slow", signal.SIGINT) in events and ("signal", "ok2", signal.SIGINT) not in events
 
