@@ -120,7 +120,7 @@ class RunConfig:
 DTYPE_HELP = ("model dtype; auto (default): bf16 on a GPU, and on a CPU whichever of bf16 and fp32 runs its "
               "matmuls faster, measured once per machine; the run records the dtype used")
 JOBS_HELP = ("runs at once, in that many worker processes sharing the cores (default 1); on a 2-core CPU --jobs 2 "
-             "trains about 1.4x as fast as one process (README, On one machine); a run's numbers depend on its "
+             "trains about 1.4x as fast as one process in bf16, 1.2x in fp32 (README, On one machine); a run's numbers depend on its "
              "thread count (each records it)")
 PROBE_LAYOUT_TEXT = {"paper": "the paper's (x, y, x_random): question, answer, another random training question",
                  "iti": "ITI's (x, y): question and answer",
