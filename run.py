@@ -769,9 +769,9 @@ def _tail(path: Path, n: int = 2000) -> list[str]:
 
 def _in_workers(todo: list[tuple[str, RunConfig]], out_root: Path, ctx: Context, jobs: int, worker: list[str]) -> None:
     """The runs `todo` in `jobs` worker processes, each `python run.py *worker --only NAME` with cores/jobs threads
-    and its output in out_root/logs/NAME.log. At these sizes training is bounded by per-call overhead more than
-    by its matmuls, so two one-thread processes train faster than one two-thread process (README, On one
-    machine). A full-model IPO run starts once the head-set runs at its tau among `todo` are done, as it would one
+    and its output in out_root/logs/NAME.log. At these sizes a bf16 step is bounded by per-call overhead more
+    than by its matmuls, so two one-thread processes train 1.4x as fast as one two-thread process; an fp32 step is
+    mostly matmuls, 1.2x (README, On one machine). A full-model IPO run starts once the head-set runs at its tau among `todo` are done, as it would one
     after another (its bound needs them), and before the runs still waiting (it is the longest). A failed worker
     stops the others as Ctrl-C does (each saves where it is), and nothing new starts."""
     import subprocess
@@ -780,6 +780,7 @@ def _in_workers(todo: list[tuple[str, RunConfig]], out_root: Path, ctx: Context,
     if ctx.judged:
         ctx.judges
     base_eval(ctx)
+    jobs = min(jobs, len(todo))  # fewer runs than jobs: the cores go to the runs there are
     threads = max(1, torch.get_num_threads() // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     logs = out_root / "logs"

@@ -718,3 +718,31 @@ def test_user_errors_from_the_command_line_are_one_line():
                        capture_output=True, text=True, cwd=run.ROOT)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "run.py: error: --shard '3/2': expected i/n with 0 <= i < n, e.g. 0/4"]
+
+
+def test_jobs_fewer_runs_than_jobs_share_all_the_cores(tmp_path, monkeypatch):
+    """With fewer runs left than --jobs, each worker gets cores / (runs left) threads, not cores / jobs."""
+    import subprocess
+
+    threads = []
+
+    class Worker:  # finishes at once, writing its results
+        def __init__(self, argv, stdout, stderr, env):
+            threads.append(env["OMP_NUM_THREADS"])
+            self.name, self.returncode = argv[argv.index("--only") + 1], None
+
+        def poll(self):
+            (tmp_path / self.name).mkdir(exist_ok=True)
+            (tmp_path / self.name / "results.json").write_text("{}")
+            self.returncode = 0
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Worker)
+    monkeypatch.setattr(run.time, "sleep", lambda s: None)
+    monkeypatch.setattr(run, "base_eval", lambda ctx: None)
+    monkeypatch.setattr(run.torch, "get_num_threads", lambda: 4)
+    ctx = types.SimpleNamespace(probe=None, judged=False, cfg=types.SimpleNamespace(dtype="fp32"))
+    b = run.RunConfig(method="iti", heads="probe16")
+    runs = [("a", b), ("b", b)]
+    run.do_runs(runs, runs, tmp_path, ctx, jobs=4, command=["experiment", "mc", "--jobs", "4"])
+    assert threads == ["2", "2"]
