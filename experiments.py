@@ -30,7 +30,7 @@ import ipo
 import stats
 from llama import write_file_atomic
 from run import (FULL_BOUND_TOL, JOBS_HELP, METRICS, PROBE_LAYOUT_TEXT, DTYPE_HELP, Context, RunConfig, UserError,
-                 _pos_int, do_runs, log, meet_full_model_bounds, resolve_dtype, write_atomic, write_json)
+                 _pos_int, do_runs, log, meet_full_model_bounds, resolve_dtype, shard_of, write_atomic, write_json)
 
 EXPERIMENTS = {
     "iti-localized-vs-random": "Fig. 1: ITI at probe16 vs random 16-head sets over an alpha sweep",
@@ -136,7 +136,8 @@ def cmd_experiment(argv: list[str]) -> int:
     p.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the whole experiment)")
     p.add_argument("--paper", action="store_true", help="the paper's sizes (for a GPU or a SLURM array)")
-    p.add_argument("--shard", default="0/1", help="i/n: do only the runs with index %% n == i (default 0/1)")
+    p.add_argument("--shard", default="0/1", help="i/n: do only shard i of n, the runs split by their estimated cost, each full model "
+                        "with the head sets that bound it where the shares allow (default 0/1)")
     p.add_argument("--partial", action="store_true",
                    help="do no runs; draw the report from the runs finished so far (marked PARTIAL, the missing "
                         "runs named)")
@@ -184,7 +185,7 @@ def cmd_experiment(argv: list[str]) -> int:
                             + ", ".join(r for r, _ in runs))
         do_runs(runs, mine, out, ctx)
         return 0
-    mine = [] if a.partial else [r for k, r in enumerate(runs) if k % n == i]
+    mine = [] if a.partial else [r for r, s in zip(runs, shard_of(runs, n)) if s == i]
     log(f"experiment {a.name} ({size_name}): {len(runs)} runs, shard {i}/{n} does {len(mine)}")
     do_runs(runs, mine, out, ctx, a.jobs, ["experiment"] + argv)
     finished = {r: json.loads((out / r / "results.json").read_text())

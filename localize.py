@@ -33,7 +33,7 @@ import torch
 import stats
 from llama import write_file_atomic
 from run import (JOBS_HELP, METRICS, Context, RunConfig, UserError, _pos_int, do_runs, log, meet_full_model_bounds,
-                 write_atomic, write_json)
+                 shard_of, write_atomic, write_json)
 
 NULLS = ("random", "layer-matched", "complement")
 GRAD_PAIRS = 64  # training pairs whose IPO gradient ranks the heads for gradK
@@ -262,7 +262,8 @@ def cmd_localize(argv: list[str]) -> int:
                    help="train the candidate and the full model with K training seeds and average each over them "
                         "(default 1); the seed variance enters the equivalence tests. A verdict one seed can flip "
                         "needs K >= 2")
-    p.add_argument("--shard", default="0/1", help="i/n: do only the edits with index %% n == i (default 0/1)")
+    p.add_argument("--shard", default="0/1", help="i/n: do only shard i of n, the edits split by their estimated cost "
+                        "(run.shard_of; default 0/1)")
     p.add_argument("--margin", type=float, default=stats.MARGIN, help=f"equivalence margin (default {stats.MARGIN:g})")
     p.add_argument("--jobs", type=_pos_int, default=1, help=JOBS_HELP)
     p.add_argument("--only", default=None, metavar="RUN", help="do only this edit (by run name; no verdict)")
@@ -322,7 +323,7 @@ def cmd_localize(argv: list[str]) -> int:
             raise UserError(f"--only {a.only!r}: not one of this command's edits: {', '.join(r for r, _ in edits)}")
         do_runs(edits, one, keep, ctx)
         return 0
-    mine = [r for k_, r in enumerate(edits) if k_ % sn == si]
+    mine = [r for r, s in zip(edits, shard_of(edits, sn)) if s == si]
     log(f"localize {spec} ({len(cand)} heads: {head_str(cand)}) against {len(nulls)} {a.null} null set(s) and the full "
         f"model: {len(runs)} edits, shard {si}/{sn} does {len(mine)}")
     do_runs(edits, mine, keep, ctx, a.jobs, ["localize"] + given)

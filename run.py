@@ -663,6 +663,46 @@ def full_bound(d: Path) -> float | None:
     return json.loads(p.read_text())["val_loss"] if p.exists() else None
 
 
+def bound_key(c: RunConfig) -> tuple:
+    """IPO runs with the same key minimise the same loss on the same validation pairs, so a full-model edit's
+    validation loss is bounded by every head set's of its key (full_model_bounds)."""
+    return c.tau, c.seed, c.val_questions, c.data, c.version, c.pairs, c.pairs_format, c.model, c.dtype
+
+
+RUN_COST = {"iti": 1, "heads": 4, "full": 7}  # a run's rough relative time (README, Wall time of the five figures:
+# in fp32 an ITI run about 3.5 minutes, an IPO edit at a head set 10-16, the full model 15-31)
+
+
+def shard_of(runs: list[tuple[str, RunConfig]], n: int) -> list[int]:
+    """Which of n shards (machines) does each run, so that the shards' estimated costs (RUN_COST) are about
+    equal and each full-model IPO edit is trained where the head sets that bound it are (full_model_bounds):
+    it then trains toward its bound at once, as unsharded, and the last, unsharded command only draws the report.
+    Units: a full-model edit with every IPO run of its bound_key, every other run alone. The units, the costliest
+    first, each go to the shard with the least cost so far (the lowest index on a tie); a unit that would take it
+    past its share (the total over n) is split into its runs, which then go the same way (its full model is then
+    trained on by the last command). Depends on the runs alone: every machine of an array computes the same."""
+    cost = lambda c: RUN_COST["iti"] if c.method == "iti" else RUN_COST["full" if c.full_model else "heads"]
+    key = lambda c: bound_key(c) if c.method == "ipo" else None
+    full = {key(c) for _, c in runs if c.method == "ipo" and c.full_model}
+    units: dict = {}  # a full model's bound_key, or ("run", k) -> the run indices
+    for k, (_, c) in enumerate(runs):
+        units.setdefault(key(c) if key(c) in full else ("run", k), []).append(k)
+    total = lambda u: sum(cost(runs[k][1]) for k in u)
+    share = total(range(len(runs))) / n
+    order = lambda us: sorted(us, key=lambda u: (-total(u), u[0]))  # the costliest first
+    todo, load, out = order(units.values()), [0] * n, [0] * len(runs)
+    while todo:
+        u = todo.pop(0)
+        s = min(range(n), key=lambda s: (load[s], s))  # the least loaded shard
+        if len(u) > 1 and load[s] + total(u) > share:  # it would overfill the shard: its runs go one by one
+            todo = order(todo + [[k] for k in u])
+            continue
+        load[s] += total(u)
+        for k in u:
+            out[k] = s
+    return out
+
+
 def full_model_bounds(runs: list[tuple[str, RunConfig]], res: dict[str, dict]) -> dict[str, dict]:
     """The full-model edits, by name, that a restriction of them beats on the validation pairs (or would: those not
     trained yet, where a head set is), each with the bound it is to reach. The edit at a head set is a restriction
@@ -671,13 +711,12 @@ def full_model_bounds(runs: list[tuple[str, RunConfig]], res: dict[str, dict]) -
     a full model whose best validation loss is above a head set's by more than FULL_BOUND_TOL stopped short of its
     optimum. Only validation pairs decide (the test pairs stay for experiments.full_model_check)."""
     val = lambda n: (res[n].get("ipo") or {}).get("val_loss") if n in res else None
-    same = lambda c: (c.tau, c.seed, c.val_questions, c.data, c.version, c.pairs, c.pairs_format, c.model, c.dtype)
     out = {}
     for n, f in runs:
         if f.method != "ipo" or not f.full_model:
             continue
         others = [(val(m), m) for m, c in runs if c.method == "ipo" and not c.full_model and val(m) is not None
-                  and same(c) == same(f)]  # the same loss on the same validation pairs
+                  and bound_key(c) == bound_key(f)]
         if others and (n not in res or val(n) > min(others)[0] * (1 + FULL_BOUND_TOL)):
             v, m = min(others)
             out[n] = {"val_loss": v * (1 + FULL_BOUND_TOL), "edit": m, "edit_val_loss": v, "tol": FULL_BOUND_TOL}
