@@ -673,24 +673,29 @@ RUN_COST = {"iti": 1, "heads": 4, "full": 7}  # a run's rough relative time (REA
 # in fp32 an ITI run about 3.5 minutes, an IPO edit at a head set 10-16, the full model 15-31)
 
 
+def run_cost(c: RunConfig) -> int:
+    """A run's estimated relative time (RUN_COST), for splitting runs over machines (shard_of)."""
+    return RUN_COST["iti" if c.method == "iti" else "full" if c.full_model else "heads"]
+
+
 def shard_of(runs: list[tuple[str, RunConfig]], n: int) -> list[int]:
-    """Which of n shards (machines) does each run, so that the shards' estimated costs (RUN_COST) are about
+    """Which of n shards (machines) does each run, so that the shards' estimated costs (run_cost) are about
     equal and each full-model IPO edit is trained where the head sets that bound it are (full_model_bounds):
-    it then trains toward its bound at once, as unsharded, and the last, unsharded command only draws the report.
+    it then trains toward its bound at once, as unsharded, and where no group had to be split the last,
+    unsharded command only draws the report.
     Units: a full-model edit with every IPO run of its bound_key, every other run alone. The units, the costliest
     first, each go to the shard with the least cost so far (the lowest index on a tie); a unit that would take it
     past its share (the total over n) is split into its runs, which then go the same way (its full model is then
     trained on by the last command). Depends on the runs alone: every machine of an array computes the same."""
-    cost = lambda c: RUN_COST["iti"] if c.method == "iti" else RUN_COST["full" if c.full_model else "heads"]
     key = lambda c: bound_key(c) if c.method == "ipo" else None
     full = {key(c) for _, c in runs if c.method == "ipo" and c.full_model}
     units: dict = {}  # a full model's bound_key, or ("run", k) -> the run indices
     for k, (_, c) in enumerate(runs):
         units.setdefault(key(c) if key(c) in full else ("run", k), []).append(k)
-    total = lambda u: sum(cost(runs[k][1]) for k in u)
+    total = lambda u: sum(run_cost(runs[k][1]) for k in u)
     share = total(range(len(runs))) / n
     order = lambda us: sorted(us, key=lambda u: (-total(u), u[0]))  # the costliest first
-    todo, load, out = order(units.values()), [0] * n, [0] * len(runs)
+    todo, load, out = order(units.values()), [0] * n, [-1] * len(runs)
     while todo:
         u = todo.pop(0)
         s = min(range(n), key=lambda s: (load[s], s))  # the least loaded shard
@@ -808,9 +813,9 @@ def _tail(path: Path, n: int = 2000) -> list[str]:
 
 def _in_workers(todo: list[tuple[str, RunConfig]], out_root: Path, ctx: Context, jobs: int, worker: list[str]) -> None:
     """The runs `todo` in `jobs` worker processes, each `python run.py *worker --only NAME` with cores/jobs threads
-    and its output in out_root/logs/NAME.log. At these sizes a bf16 step is bounded by per-call overhead more
+    (jobs at most the runs to do) and its output in out_root/logs/NAME.log. At these sizes a bf16 step is bounded by per-call overhead more
     than by its matmuls, so two one-thread processes train 1.4x as fast as one two-thread process; an fp32 step is
-    mostly matmuls, 1.2x (README, On one machine). A full-model IPO run starts once the head-set runs at its tau among `todo` are done, as it would one
+    mostly matmuls, 1.2x (README, On one machine). A full-model IPO run starts once the head-set runs of its bound_key (its tau) among `todo` are done, as it would one
     after another (its bound needs them), and before the runs still waiting (it is the longest). A failed worker
     stops the others as Ctrl-C does (each saves where it is), and nothing new starts."""
     import subprocess
@@ -825,11 +830,11 @@ def _in_workers(todo: list[tuple[str, RunConfig]], out_root: Path, ctx: Context,
     logs = out_root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     n, todo, running, t0, shown = len(todo), list(todo), {}, time.time(), time.time()
-    heads = [(name, c.tau) for name, c in todo if c.method == "ipo" and not c.full_model]
+    heads = [(name, bound_key(c)) for name, c in todo if c.method == "ipo" and not c.full_model]
 
     def ready(c: RunConfig) -> bool:
         return not (c.method == "ipo" and c.full_model) or all(
-            (out_root / name / "results.json").exists() for name, tau in heads if tau == c.tau)
+            (out_root / name / "results.json").exists() for name, key in heads if key == bound_key(c))
 
     log(f"{n} runs in {jobs} worker processes of {threads} thread(s) each; their output in {logs}/")
     try:

@@ -632,24 +632,26 @@ def test_a_full_model_short_of_a_head_sets_validation_loss_is_trained_on(tmp_pat
 
 @pytest.mark.parametrize("name,n", [("ipo-vs-iti", 2), ("ipo-random", 2), ("ipo-random", 4), ("single-heads", 8)])
 def test_shards_balance_cost_and_keep_full_models_with_their_bounds(name, n):
-    """Every run in exactly one shard, the same assignment each call; the shards' estimated costs within one run's
-    cost of each other; Fig. 2 over two machines keeps each full model with all the head sets that bound it (its
-    tau), where every n-th run would not; a group larger than a shard's share is split."""
+    """Every run in exactly one shard; the shards' estimated costs within one run's cost of each other; Fig. 2
+    over two machines keeps each full model with all the head sets that bound it (its tau), where every n-th run
+    (the old rule) did not; a group larger than a shard's share is split."""
     import experiments
 
     runs = experiments.experiment_runs(name, run.RunConfig(), experiments.SIZES["default"], (30, 9))
     sh = run.shard_of(runs, n)
-    assert sh == run.shard_of(runs, n) and len(sh) == len(runs) and set(sh) <= set(range(n))
-    cost = lambda c: run.RUN_COST["iti" if c.method == "iti" else "full" if c.full_model else "heads"]
-    load = [sum(cost(c) for (_, c), s in zip(runs, sh) if s == i) for i in range(n)]
+    assert len(sh) == len(runs) and set(sh) <= set(range(n))  # each run given one shard (-1: none)
+    load = [sum(run.run_cost(c) for (_, c), s in zip(runs, sh) if s == i) for i in range(n)]
     assert max(load) - min(load) <= max(run.RUN_COST.values()), load
-    apart = [f for (f, c), s in zip(runs, sh) if c.full_model for (_, d), t in zip(runs, sh)
-             if d.method == "ipo" and run.bound_key(d) == run.bound_key(c) and t != s]
+    apart = lambda sh: [f for (f, c), s in zip(runs, sh) if c.full_model for (_, d), t in zip(runs, sh)
+                        if d.method == "ipo" and run.bound_key(d) == run.bound_key(c) and t != s]
     if name == "ipo-vs-iti":  # two taus, two machines: each tau's edits on one
-        assert not apart and [k % n for k in range(len(runs))] != sh
-    else:  # one tau: its group is more than half of the whole, so split
-        assert apart
+        assert not apart(sh) and apart([k % n for k in range(len(runs))])
+    else:  # one tau: its group is more than a share of the whole, so split
+        assert apart(sh)
     assert run.shard_of(runs, 1) == [0] * len(runs)
+    assert run.shard_of([], 2) == []
+    few = run.shard_of(runs[:2], 5)  # more shards than runs: some have none
+    assert len(few) == 2 and set(few) <= set(range(5))
 
 
 def test_strip_flags_removes_flags_and_their_values():
