@@ -136,8 +136,9 @@ def cmd_experiment(argv: list[str]) -> int:
     p.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the whole experiment)")
     p.add_argument("--paper", action="store_true", help="the paper's sizes (for a GPU or a SLURM array)")
-    p.add_argument("--shard", default="0/1", help="i/n: do only shard i of n, the runs split by their estimated cost, each full model "
-                        "with the head sets that bound it where the shares allow (default 0/1)")
+    p.add_argument("--shard", default="0/1",
+                   help="i/n: do only shard i of n, the runs split by their estimated cost, each full model with the "
+                        "head sets that bound it where the shares allow (run.shard_of; default 0/1)")
     p.add_argument("--partial", action="store_true",
                    help="do no runs; draw the report from the runs finished so far (marked PARTIAL, the missing "
                         "runs named)")

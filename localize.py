@@ -262,7 +262,8 @@ def cmd_localize(argv: list[str]) -> int:
                    help="train the candidate and the full model with K training seeds and average each over them "
                         "(default 1); the seed variance enters the equivalence tests. A verdict one seed can flip "
                         "needs K >= 2")
-    p.add_argument("--shard", default="0/1", help="i/n: do only shard i of n, the edits split by their estimated cost "
+    p.add_argument("--shard", default="0/1",
+                   help="i/n: do only shard i of n, the edits split by their estimated cost "
                         "(run.shard_of; default 0/1)")
     p.add_argument("--margin", type=float, default=stats.MARGIN, help=f"equivalence margin (default {stats.MARGIN:g})")
     p.add_argument("--jobs", type=_pos_int, default=1, help=JOBS_HELP)

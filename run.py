@@ -120,8 +120,8 @@ class RunConfig:
 DTYPE_HELP = ("model dtype; auto (default): bf16 on a GPU, and on a CPU whichever of bf16 and fp32 runs its "
               "matmuls faster, measured once per machine; the run records the dtype used")
 JOBS_HELP = ("runs at once, in that many worker processes sharing the cores (default 1); on a 2-core CPU --jobs 2 "
-             "trains about 1.4x as fast as one process in bf16, 1.2x in fp32 (README, On one machine); a run's numbers depend on its "
-             "thread count (each records it)")
+             "trains about 1.4x as fast as one process in bf16, 1.2x in fp32 (README, On one machine); a run's "
+             "numbers depend on its thread count (each records it)")
 PROBE_LAYOUT_TEXT = {"paper": "the paper's (x, y, x_random): question, answer, another random training question",
                  "iti": "ITI's (x, y): question and answer",
                  "raw": "the pairs file's prompt as written, then the chosen or rejected answer"}
@@ -813,11 +813,12 @@ def _tail(path: Path, n: int = 2000) -> list[str]:
 
 def _in_workers(todo: list[tuple[str, RunConfig]], out_root: Path, ctx: Context, jobs: int, worker: list[str]) -> None:
     """The runs `todo` in `jobs` worker processes, each `python run.py *worker --only NAME` with cores/jobs threads
-    (jobs at most the runs to do) and its output in out_root/logs/NAME.log. At these sizes a bf16 step is bounded by per-call overhead more
-    than by its matmuls, so two one-thread processes train 1.4x as fast as one two-thread process; an fp32 step is
-    mostly matmuls, 1.2x (README, On one machine). A full-model IPO run starts once the head-set runs of its bound_key (its tau) among `todo` are done, as it would one
-    after another (its bound needs them), and before the runs still waiting (it is the longest). A failed worker
-    stops the others as Ctrl-C does (each saves where it is), and nothing new starts."""
+    (jobs at most the runs to do) and its output in out_root/logs/NAME.log. At these sizes a bf16 step is bounded
+    by per-call overhead more than by its matmuls, so two one-thread processes train 1.4x as fast as one
+    two-thread process; an fp32 step is mostly matmuls, 1.2x (README, On one machine). A full-model IPO run starts
+    once the head-set runs of its bound_key (its tau) among `todo` are done, as it would one after another (its
+    bound needs them), and before the runs still waiting (it is the longest). A failed worker stops the others as
+    Ctrl-C does (each saves where it is), and nothing new starts."""
     import subprocess
 
     ctx.probe  # what every run reads, made here once rather than by each worker at the same time

@@ -650,8 +650,8 @@ def test_shards_balance_cost_and_keep_full_models_with_their_bounds(name, n):
         assert apart(sh)
     assert run.shard_of(runs, 1) == [0] * len(runs)
     assert run.shard_of([], 2) == []
-    few = run.shard_of(runs[:2], 5)  # more shards than runs: some have none
-    assert len(few) == 2 and set(few) <= set(range(5))
+    few = run.shard_of(runs[:2], 5)  # more shards than runs: each run a shard of its own, some have none
+    assert len(few) == 2 and len(set(few)) == 2 and set(few) <= set(range(5))
 
 
 def test_strip_flags_removes_flags_and_their_values():
